@@ -1,0 +1,277 @@
+"""Turning ctxtrace on and off: one agent per process, built whole or not at all.
+
+``instrument()`` resolves the configuration, builds the ledger, the emitters
+and the hooks, and only then installs the hooks and sets the flag (so a failure
+leaves nothing half-initialised). ``uninstrument()`` takes it all back. Both are
+idempotent and serialised by one lock; a repeated call logs one line.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from . import _flaskshape, _worker
+from ._config import Config, ConfigError
+from ._events import Event, Site
+from ._guard import InternalErrors
+from ._hooks import Hooks
+from ._ledger import Ledger, LedgerPolicy
+from ._logs import LogEmitter, get_logger
+
+
+class Emitter(Protocol):
+    """A subscriber to ledger events: logs, spans, metrics."""
+
+    @property
+    def name(self) -> str: ...
+
+    def handle(self, event: Event) -> None: ...
+
+
+class Lifecycle(Protocol):
+    """Optional hooks an emitter may have, called by the agent."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float) -> None: ...
+
+    def after_fork(self) -> None: ...
+
+
+EmitterFactory = Callable[["Agent"], list[Emitter]]
+_extra_emitters: list[EmitterFactory] = []
+
+
+def register_emitters(factory: EmitterFactory) -> None:
+    """Let the telemetry layer add its emitters to every agent built from now on."""
+    if factory not in _extra_emitters:
+        _extra_emitters.append(factory)
+
+
+class _Suppressions:
+    """Known and accepted sites: a module prefix or an exact ``file:line``."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self._modules = tuple(p for p in patterns if ".py:" not in p)
+        self._lines = frozenset(p for p in patterns if ".py:" in p)
+        self._cache: dict[Site, bool] = {}
+
+    def __call__(self, site: Site | None) -> bool:
+        if site is None or not (self._modules or self._lines):
+            return False
+        known = self._cache.get(site)
+        if known is None:
+            known = self._match(site)
+            if len(self._cache) < 4096:
+                self._cache[site] = known
+        return known
+
+    def _match(self, site: Site) -> bool:
+        if any(site.module == m or site.module.startswith(m + ".") for m in self._modules):
+            return True
+        location = f"{site.file}:{site.line}"
+        return any(location == p or location.endswith("/" + p) for p in self._lines)
+
+
+class Agent:
+    """Everything one instrumentation owns; built by ``instrument()``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.shape = _flaskshape.detect()
+        self.errors = InternalErrors(self._log_internal_error)
+        self.worker = _worker.worker_id()
+        self.emitters: list[Emitter] = [
+            LogEmitter(lambda: self.worker, config.log_rate_window, config.log_lifecycle)
+        ]
+        self.ledger = Ledger(
+            self._dispatch,
+            LedgerPolicy(
+                cap=config.ledger_cap,
+                flight=config.flight_record,
+                long_lived_request_s=config.long_lived_request,
+                long_lived_app_s=config.long_lived_app,
+                long_lived_streaming=config.long_lived_streaming,
+                detect=config.detectors,
+            ),
+            slots=self.shape.slots,
+            repush_stacks=not self.shape.merged,
+            lifecycle=config.log_lifecycle,
+            describe=lambda ctx: self.hooks.describe(ctx),  # noqa: PLW0108 - hooks are built below
+        )
+        self.hooks = Hooks(
+            self.ledger,
+            self.shape,
+            self.errors,
+            repair=config.repair,
+            suppressed=_Suppressions(config.suppress),
+            detect_access=config.detect_out_of_context_access,
+        )
+        for factory in _extra_emitters:
+            self.emitters.extend(factory(self))
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+
+    def subscribe(self, emitter: Emitter) -> None:
+        """Add an emitter to a running agent (tests, the pytest plugin)."""
+        self.emitters = [*self.emitters, emitter]
+
+    def unsubscribe(self, emitter: Emitter) -> None:
+        self.emitters = [e for e in self.emitters if e is not emitter]
+
+    def _dispatch(self, event: Event) -> None:
+        for emitter in self.emitters:
+            try:
+                emitter.handle(event)
+            except Exception as exc:
+                self.errors.record(emitter.name, exc)
+
+    def _log_internal_error(self, component: str, exc: BaseException) -> None:
+        get_logger().error(
+            "ctxtrace.internal_error",
+            component=component,
+            exc_type=type(exc).__name__,
+            exc_message=str(exc)[:200],
+            worker=self.worker,
+            note="counted in ctxtrace_internal_errors_total; later errors are not logged",
+        )
+
+    # -- running ----------------------------------------------------------
+
+    def start(self) -> None:
+        started: list[Any] = []
+        try:
+            for emitter in self.emitters:
+                start = getattr(emitter, "start", None)
+                if start is not None:
+                    start()
+                    started.append(emitter)
+            self.hooks.install()
+        except BaseException:
+            for emitter in started:
+                emitter.stop(1.0)
+            raise
+        self._start_watchdog()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self.hooks.uninstall()
+        self._stop.set()
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(timeout_s)
+        for emitter in self.emitters:
+            stop = getattr(emitter, "stop", None)
+            if stop is not None:
+                try:
+                    stop(timeout_s)
+                except Exception as exc:
+                    self.errors.record(emitter.name, exc)
+
+    def _start_watchdog(self) -> None:
+        self._stop = threading.Event()
+        self._watchdog = threading.Thread(
+            target=self._watch, name="ctxtrace-watchdog", daemon=True
+        )
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.config.sweep_interval):
+            self.sweep()
+
+    def sweep(self) -> None:
+        """One round of the periodic checks (also called directly by tests)."""
+        try:
+            self.ledger.sweep()
+        except Exception as exc:
+            self.errors.record("watchdog", exc)
+
+    def at_exit(self) -> None:
+        try:
+            self.ledger.finish_all()
+        except Exception as exc:
+            self.errors.record("ledger", exc)
+        self.stop(timeout_s=2.0)
+
+    def after_fork(self) -> None:
+        """In a forked child: new identity, no inherited contexts, fresh threads."""
+        self.worker = _worker.worker_id()
+        self.ledger.forget_all()
+        for emitter in self.emitters:
+            hook = getattr(emitter, "after_fork", None)
+            if hook is not None:
+                try:
+                    hook()
+                except Exception as exc:
+                    self.errors.record(emitter.name, exc)
+        self._start_watchdog()
+
+
+_lock = threading.RLock()
+_agent: Agent | None = None
+
+
+def current() -> Agent | None:
+    """The running agent, if any."""
+    return _agent
+
+
+def start(
+    arguments: Mapping[str, object], app_config: Mapping[str, object] | None = None
+) -> Agent | None:
+    """Build and start the agent unless one runs; see ``ctxtrace.instrument``."""
+    global _agent
+    with _lock:
+        if _agent is not None:
+            get_logger().info(
+                "ctxtrace.already_instrumented", note="repeated instrument() call ignored"
+            )
+            return None
+        try:
+            config = Config.resolve(arguments, app_config, os.environ)
+        except ConfigError as exc:
+            if exc.source != "environment":
+                raise
+            get_logger().error(
+                "ctxtrace.config_error", key=exc.key, value=repr(exc.value)[:80],
+                allowed=exc.allowed, note="ctxtrace stays off; the application runs",
+            )
+            return None
+        if not config.enabled:
+            return None
+        agent = Agent(config)
+        agent.start()
+        _agent = agent
+        return agent
+
+
+def stop() -> bool:
+    """Stop the running agent; ``False`` (and one log line) when none runs."""
+    global _agent
+    with _lock:
+        agent, _agent = _agent, None
+    if agent is None:
+        get_logger().info("ctxtrace.not_instrumented", note="repeated uninstrument() call ignored")
+        return False
+    agent.stop()
+    return True
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    # The lock may have been held by another thread at fork time.
+    _lock = threading.RLock()
+    if _agent is not None:
+        _agent.after_fork()
+
+
+def _at_exit() -> None:
+    agent = _agent
+    if agent is not None:
+        agent.at_exit()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_at_exit)

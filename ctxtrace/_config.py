@@ -1,0 +1,307 @@
+"""Configuration: one table of options, read from arguments, app.config and the environment.
+
+Precedence is argument > ``app.config["CTXTRACE_*"]`` > environment
+``CTXTRACE_*`` > default. Every option is declared once in ``OPTIONS`` with its
+parser, default and a sentence for the README, so the docs, the error messages
+and the parsing cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+
+PREFIX: Final = "CTXTRACE_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: object, allowed: str, source: str = "argument") -> None:
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        self.source = source
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{key}={shown} (from {source}) is not allowed: expected {allowed}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError
+
+
+def _int_range(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, str):
+            value = int(value.strip(), 10)
+        if not isinstance(value, int) or not low <= value <= high:
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _seconds_or_off(value: object) -> float | None:
+    """A positive number of seconds, or ``off``/``None`` to disable."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    if isinstance(value, bool):
+        raise ValueError
+    number = float(value.strip()) if isinstance(value, str) else value
+    if not isinstance(number, int | float) or not math.isfinite(number):
+        raise ValueError
+    if not 0 < number <= 86_400 * 365:
+        raise ValueError
+    return float(number)
+
+
+def _positive_seconds(value: object) -> float:
+    seconds = _seconds_or_off(value)
+    if seconds is None:
+        raise ValueError
+    return seconds
+
+
+def _choice(*allowed: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in allowed:
+            raise ValueError
+        return value.strip().lower()
+
+    return parse
+
+
+_SITE = re.compile(r"^(?:[A-Za-z_][\w.]*|[^\s:]+\.py:\d+)$")
+
+
+def _sites(value: object) -> tuple[str, ...]:
+    """Module names (``app.legacy``) or ``path/file.py:LINE``, comma-separated or a list."""
+    items: list[object]
+    if isinstance(value, str):
+        items = [part for part in (p.strip() for p in value.split(",")) if part]
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = list(value)
+    else:
+        raise ValueError
+    if len(items) > 1000:
+        raise ValueError
+    for item in items:
+        if not isinstance(item, str) or len(item) > 500 or not _SITE.match(item):
+            raise ValueError
+    return tuple(str(i) for i in items)
+
+
+def _port_range(value: object) -> tuple[int, int]:
+    """``PORT`` or ``FIRST-LAST``; 0 lets the OS choose."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        low = high = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d{1,5}\s*(-\s*\d{1,5}\s*)?", value):
+        parts = [int(p) for p in value.split("-")]
+        low, high = parts[0], parts[-1]
+    elif isinstance(value, tuple | list) and len(value) == 2:
+        low, high = (_int_range(0, 65535)(v) for v in value)
+    else:
+        raise ValueError
+    if not (0 <= low <= high <= 65535) or (low == 0 and high != 0):
+        raise ValueError
+    return low, high
+
+
+def _text(max_len: int) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or len(value) > max_len or any(
+            ord(c) < 32 for c in value
+        ):
+            raise ValueError
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One configuration key: how to parse it and what to tell people about it."""
+
+    name: str
+    parse: Callable[[object], Any]
+    default: Any
+    allowed: str
+    doc: str
+
+    @property
+    def key(self) -> str:
+        return PREFIX + self.name.upper()
+
+
+def _detector(name: str, doc: str) -> Option:
+    return Option(f"detect_{name}", _bool, True, "true or false", doc)
+
+
+OPTIONS: Final[tuple[Option, ...]] = (
+    Option("enabled", _bool, True, "true or false", "Master switch; false leaves Flask untouched."),
+    _detector("leaked", "Report contexts still pushed when their unit of work ends."),
+    _detector("long_lived", "Report contexts alive longer than the long_lived ages."),
+    _detector("wrong_pop", "Report a pop while another context is on top."),
+    _detector("double_pop", "Report a pop of a context that is not pushed."),
+    _detector("foreign_pop", "Report a pop in another thread or Context than the push."),
+    _detector("stale_context", "Report a unit that starts with an earlier unit's context."),
+    _detector("out_of_context_access", "Report proxy use with no context."),
+    Option(
+        "long_lived_request", _seconds_or_off, 30.0, "seconds > 0 or off",
+        "Age at which a request context is long_lived.",
+    ),
+    Option(
+        "long_lived_app", _seconds_or_off, None, "seconds > 0 or off",
+        "Age at which an app context is long_lived (off: CLI and workers hold them legitimately).",
+    ),
+    Option(
+        "long_lived_streaming", _bool, False, "true or false",
+        "Also apply long_lived to contexts kept by streaming responses.",
+    ),
+    Option(
+        "ledger_cap", _int_range(16, 10_000_000), 10_000, "integer 16..10000000",
+        "Most contexts tracked at once; more are counted in ctxtrace_dropped_total.",
+    ),
+    Option(
+        "flight_record", _int_range(0, 256), 8, "integer 0..256",
+        "Pushes and pops per thread kept for anomaly reports (0: off).",
+    ),
+    Option(
+        "repair", _bool, False, "true or false",
+        "Pop a leaked context at the end of the unit that leaked it (runs its teardown).",
+    ),
+    Option(
+        "suppress", _sites, (), "module names or file.py:LINE, comma-separated",
+        "Push or access sites that are known and accepted; not reported.",
+    ),
+    Option(
+        "sweep_interval", _positive_seconds, 1.0, "seconds > 0",
+        "How often the watchdog looks for long-lived contexts and dead threads.",
+    ),
+    Option(
+        "log_lifecycle", _bool, False, "true or false",
+        "Log every push and pop at DEBUG (costly; for debugging only).",
+    ),
+    Option(
+        "log_rate_window", _seconds_or_off, 60.0, "seconds > 0 or off",
+        "Per-site log rate limit: first occurrence, then one summary per window.",
+    ),
+    Option(
+        "spans", _choice("all", "anomalies", "off"), "anomalies", "all, anomalies or off",
+        "Which contexts become spans: every one, those ending in an anomaly, or none.",
+    ),
+    Option(
+        "metrics", _choice("prometheus", "otlp", "console", "none"), "prometheus",
+        "prometheus, otlp, console or none",
+        "Where metrics go when the application has no MeterProvider of its own.",
+    ),
+    Option(
+        "prometheus_host", _text(255), "127.0.0.1", "a host name or address",
+        "Address each worker's /metrics endpoint binds to.",
+    ),
+    Option(
+        "prometheus_port", _port_range, (9464, 9564), "PORT or FIRST-LAST (0..65535)",
+        "Each worker serves /metrics on the first free port of this range.",
+    ),
+    Option(
+        "prometheus_targets_dir", _text(4096), "", "a directory path, or empty for none",
+        "Folder where each worker writes its Prometheus file_sd target file.",
+    ),
+)
+_BY_NAME: Final = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every option, resolved and validated."""
+
+    enabled: bool = True
+    detect_leaked: bool = True
+    detect_long_lived: bool = True
+    detect_wrong_pop: bool = True
+    detect_double_pop: bool = True
+    detect_foreign_pop: bool = True
+    detect_stale_context: bool = True
+    detect_out_of_context_access: bool = True
+    long_lived_request: float | None = 30.0
+    long_lived_app: float | None = None
+    long_lived_streaming: bool = False
+    ledger_cap: int = 10_000
+    flight_record: int = 8
+    repair: bool = False
+    suppress: tuple[str, ...] = ()
+    sweep_interval: float = 1.0
+    log_lifecycle: bool = False
+    log_rate_window: float | None = 60.0
+    spans: str = "anomalies"
+    metrics: str = "prometheus"
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: tuple[int, int] = (9464, 9564)
+    prometheus_targets_dir: str = ""
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def detectors(self) -> frozenset[str]:
+        return frozenset(
+            f.name.removeprefix("detect_")
+            for f in fields(self)
+            if f.name.startswith("detect_") and getattr(self, f.name)
+        )
+
+    @classmethod
+    def resolve(
+        cls,
+        arguments: Mapping[str, object] | None = None,
+        app_config: Mapping[str, object] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Config:
+        """Merge the sources by precedence and validate every value.
+
+        Raises ``ConfigError`` for the first bad value; its ``source`` tells
+        whether it came from an argument, app.config or the environment.
+        """
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for name in arguments or {}:
+            if name not in _BY_NAME:
+                raise ConfigError(name, (arguments or {})[name], _known(), "argument")
+        for key in app_config or {}:
+            if key.startswith(PREFIX) and key.removeprefix(PREFIX).lower() not in _BY_NAME:
+                raise ConfigError(key, (app_config or {})[key], _known(), "app.config")
+        for key in environ or {}:
+            if key.startswith(PREFIX) and key.removeprefix(PREFIX).lower() not in _BY_NAME:
+                raise ConfigError(key, (environ or {})[key], _known(), "environment")
+        for option in OPTIONS:
+            for source, mapping, key in (
+                ("argument", arguments, option.name),
+                ("app.config", app_config, option.key),
+                ("environment", environ, option.key),
+            ):
+                if mapping is not None and key in mapping:
+                    raw = mapping[key]
+                    try:
+                        values[option.name] = option.parse(raw)
+                    except (ValueError, TypeError, OverflowError) as exc:
+                        raise ConfigError(option.key, raw, option.allowed, source) from exc
+                    sources[option.name] = source
+                    break
+        return cls(**values, sources=sources)
+
+
+def _known() -> str:
+    return "one of " + ", ".join(o.key for o in OPTIONS)

@@ -1,0 +1,145 @@
+"""What the ledger tells the emitters.
+
+Events are immutable records built only when something needs them: an anomaly,
+or a push/pop that a subscriber (DEBUG logs, ``CTXTRACE_SPANS=all``) asked for.
+They carry code locations, names and counts, never request data: the emitters
+can put every field into telemetry without filtering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["app", "request"]
+AnomalyName = Literal[
+    "leaked", "long_lived", "wrong_pop", "double_pop", "foreign_pop", "stale_context"
+]
+Phase = Literal["import", "runtime"]
+
+#: Every anomaly name except out-of-context access, which has its own event type.
+ANOMALIES: tuple[AnomalyName, ...] = (
+    "leaked",
+    "long_lived",
+    "wrong_pop",
+    "double_pop",
+    "foreign_pop",
+    "stale_context",
+)
+#: The proxies whose failed lookups are reported.
+PROXIES: tuple[str, ...] = ("current_app", "g", "request", "session", "app_ctx", "request_ctx")
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """A place in the code: where a context was pushed or a proxy was touched.
+
+    ``endpoint`` is set instead of a file for the contexts Flask pushes itself
+    while dispatching a request, where the endpoint says more than Flask's own line.
+    """
+
+    file: str
+    line: int
+    function: str
+    module: str = ""
+    endpoint: str | None = None
+
+    def __str__(self) -> str:
+        if self.endpoint is not None:
+            return f"endpoint:{self.endpoint}"
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """A piece of work a leak is measured against: a request, task, command or thread."""
+
+    id: int
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContextInfo:
+    """A snapshot of one tracked context, taken when an event is made."""
+
+    id: int
+    kind: Kind
+    app: str
+    site: Site | None
+    thread_id: int
+    thread_name: str
+    pushed_ns: int
+    depth: int
+    push_count: int
+    unit: Unit | None
+    streaming: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FlightRecord:
+    """One push or pop in a thread's recent history."""
+
+    op: Literal["push", "pop"]
+    kind: Kind
+    context_id: int
+    site: Site | None
+    thread_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContextPushed:
+    """A context was pushed (only made when a subscriber wants lifecycle events)."""
+
+    context: ContextInfo
+    carry: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class ContextPopped:
+    """A context was popped for the last time (lifecycle subscribers only)."""
+
+    context: ContextInfo
+    duration_s: float
+    carry: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    """The stack went wrong.
+
+    ``context`` is the context the anomaly is about; ``other`` is, for a wrong
+    pop, the context that was on top (usually the culprit), and for a stale
+    context, nothing. ``reason`` says how a leak was found (``unit_end``,
+    ``thread_end``, ``collected``, ``exit``).
+    """
+
+    name: AnomalyName
+    context: ContextInfo
+    flight: tuple[FlightRecord, ...]
+    at_ns: int
+    thread_name: str
+    other: ContextInfo | None = None
+    unit: Unit | None = None
+    reason: str = ""
+    repaired: bool = False
+    carry: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutOfContextAccess:
+    """A proxy was used with no context and the ``RuntimeError`` reached the caller."""
+
+    proxy: str
+    site: Site | None
+    phase: Phase
+    thread_name: str
+    exc_type: str
+    exc_message: str
+    unit: Unit | None
+    flight: tuple[FlightRecord, ...]
+    at_ns: int
+    parent_unit: Unit | None = None
+
+
+Event = ContextPushed | ContextPopped | Anomaly | OutOfContextAccess

@@ -1,0 +1,40 @@
+"""Failing open: an error inside ctxtrace is counted, logged once and swallowed.
+
+Every piece of agent code that runs inside the host's call goes through
+``InternalErrors.record`` from an ``except`` clause; the host's own call always
+runs exactly once and returns or raises exactly what it did.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+
+
+class InternalErrors:
+    """Per-component counts of swallowed errors; the first of each is logged."""
+
+    def __init__(self, log_first: Callable[[str, BaseException], None]) -> None:
+        self._log_first = log_first
+        self._counts: dict[str, itertools.count[int]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, component: str, exc: BaseException) -> None:
+        try:
+            counter = self._counts.get(component)
+            first = False
+            if counter is None:
+                with self._lock:
+                    counter = self._counts.get(component)
+                    if counter is None:
+                        counter = self._counts[component] = itertools.count()
+                        first = True
+            next(counter)
+            if first:
+                self._log_first(component, exc)
+        except Exception:
+            pass
+
+    def counts(self) -> dict[str, int]:
+        return {name: int(repr(c)[6:-1]) for name, c in list(self._counts.items())}

@@ -1,0 +1,681 @@
+"""The ledger of live contexts: plain bookkeeping that decides what is an anomaly.
+
+The hook layer tells the ledger what Flask did (a push, a pop with Flask's own
+push count before and after it, a unit of work starting or ending); the ledger
+keeps a mirror of Flask's context stacks and turns every way they go wrong into
+an event. It knows nothing of OpenTelemetry or logging and does no I/O, so it
+can be driven directly by property-based tests.
+
+The mirror stacks live in ContextVars, like Flask's own, so a push in one thread
+or asyncio task and a pop in another are seen the way Flask sees them. Nodes are
+immutable ``(entry, below, depth)`` tuples because a copied Context shares them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ._events import (
+    Anomaly,
+    AnomalyName,
+    ContextInfo,
+    ContextPopped,
+    ContextPushed,
+    Event,
+    FlightRecord,
+    Kind,
+    OutOfContextAccess,
+    Phase,
+    Site,
+    Unit,
+)
+
+_Node = tuple["_Entry", "_Node | None", int]
+_MAX_APPS: Final = 64
+OTHER_APP: Final = "other"
+
+
+def _count_of(counter: itertools.count[int]) -> int:
+    """Read an ``itertools.count`` without advancing it.
+
+    ``next()`` on a count is atomic under the GIL, which makes it an exact,
+    lock-free counter for the push path; its repr is the only way to read it.
+    """
+    return int(repr(counter)[6:-1])
+
+
+class _Stats:
+    """Exact counts for one (kind, app) pair, read by the metrics emitter."""
+
+    __slots__ = ("app", "durations", "kind", "pops", "pushes")
+
+    def __init__(self, kind: Kind, app: str, buffer: int) -> None:
+        self.kind: Kind = kind
+        self.app = app
+        self.pushes = itertools.count()
+        self.pops = itertools.count()
+        # Lifetimes wait here for the metrics emitter; a full buffer drops the
+        # oldest, and the emitter counts what it never saw.
+        self.durations: deque[float] = deque(maxlen=buffer)
+
+
+class _ThreadState:
+    """Per-thread facts captured once: identity and the flight record."""
+
+    __slots__ = ("flight", "ident", "name", "thread")
+
+    def __init__(self, flight: int) -> None:
+        current = threading.current_thread()
+        self.ident = current.ident or 0
+        self.name = current.name
+        self.thread: weakref.ref[threading.Thread] = weakref.ref(current)
+        self.flight: deque[tuple[str, _Entry]] | None = deque(maxlen=flight) if flight else None
+
+    def alive(self) -> bool:
+        thread = self.thread()
+        return thread is not None and thread.is_alive()
+
+
+class _UnitState:
+    """A unit of work while it runs; ``finished`` turns its leftovers stale."""
+
+    __slots__ = ("finished", "id", "kind", "name", "parent")
+
+    def __init__(self, uid: int, kind: str, name: str, parent: _UnitState | None) -> None:
+        self.id = uid
+        self.kind = kind
+        self.name = name
+        self.parent = parent
+        self.finished = False
+
+    def info(self) -> Unit:
+        return Unit(id=self.id, kind=self.kind, name=self.name)
+
+
+class _Entry:
+    """One tracked context object, however often it is pushed."""
+
+    __slots__ = (
+        "carry",
+        "count",
+        "depth",
+        "id",
+        "leaked",
+        "long_reported",
+        "orphaned",
+        "owner",
+        "pushed_ns",
+        "ref",
+        "reported",
+        "site",
+        "slot",
+        "stats",
+        "streaming",
+        "thread",
+        "unit",
+    )
+
+    def __init__(
+        self,
+        eid: int,
+        ref: weakref.ref[Any],
+        stats: _Stats,
+        slot: str,
+        site: Site | None,
+        thread: _ThreadState,
+        pushed_ns: int,
+        unit: _UnitState | None,
+        depth: int,
+    ) -> None:
+        self.id = eid
+        self.ref = ref
+        self.stats = stats
+        self.slot = slot
+        self.site = site
+        self.thread = thread
+        self.pushed_ns = pushed_ns
+        self.unit = unit
+        self.depth = depth
+        self.count = 1
+        self.streaming = False
+        self.reported = False
+        self.long_reported = False
+        self.leaked = False
+        self.orphaned = False
+        self.owner: _Entry | None = None
+        self.carry: object = None
+
+    def info(self) -> ContextInfo:
+        return ContextInfo(
+            id=self.id,
+            kind=self.stats.kind,
+            app=self.stats.app,
+            site=self.site,
+            thread_id=self.thread.ident,
+            thread_name=self.thread.name,
+            pushed_ns=self.pushed_ns,
+            depth=self.depth,
+            push_count=self.count,
+            unit=self.unit.info() if self.unit is not None else None,
+            streaming=self.streaming,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """Counts for one (kind, app) pair at a collection."""
+
+    kind: Kind
+    app: str
+    pushes: int
+    pops: int
+    active: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerPolicy:
+    """What the ledger looks for; built from the configuration."""
+
+    cap: int = 10_000
+    flight: int = 8
+    long_lived_request_s: float | None = 30.0
+    long_lived_app_s: float | None = None
+    long_lived_streaming: bool = False
+    detect: frozenset[str] = frozenset(
+        (
+            "leaked",
+            "long_lived",
+            "wrong_pop",
+            "double_pop",
+            "foreign_pop",
+            "stale_context",
+            "out_of_context_access",
+        )
+    )
+    duration_buffer: int = 65_536
+
+
+class Ledger:
+    """Live contexts of one process, per thread and Context, and their anomalies.
+
+    ``emit`` receives every event; ``lifecycle`` asks for push/pop events too
+    (off on the fast path); ``capture`` is called at each push and its result
+    rides along in events (the telemetry layer keeps the OpenTelemetry context
+    there, so a late span can still have the right parent).
+    """
+
+    def __init__(
+        self,
+        emit: Callable[[Event], None],
+        policy: LedgerPolicy = LedgerPolicy(),
+        *,
+        slots: Iterable[str] = ("app", "request"),
+        repush_stacks: bool = True,
+        lifecycle: bool = False,
+        capture: Callable[[], object] | None = None,
+        describe: Callable[[object], tuple[Kind, str]] = lambda ctx: ("app", ""),
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self._emit = emit
+        self._describe = describe
+        self.policy = policy
+        self._repush_stacks = repush_stacks
+        self._lifecycle = lifecycle
+        self._capture = capture
+        self._clock = clock
+        self._stacks: dict[str, ContextVar[_Node | None]] = {
+            slot: ContextVar(f"ctxtrace.stack.{slot}", default=None) for slot in slots
+        }
+        self._unit: ContextVar[_UnitState | None] = ContextVar("ctxtrace.unit", default=None)
+        self._tls = threading.local()
+        self._live: dict[int, _Entry] = {}
+        self._stats: dict[tuple[str, str], _Stats] = {}
+        self._stats_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._unit_ids = itertools.count(1)
+        self.dropped_contexts = itertools.count()
+        self.depth_max = 0
+        self._detect = policy.detect
+
+    # -- per-thread facts -------------------------------------------------
+
+    def _thread(self) -> _ThreadState:
+        try:
+            state: _ThreadState = self._tls.state
+        except AttributeError:
+            state = self._tls.state = _ThreadState(self.policy.flight)
+        return state
+
+    def _stats_for(self, kind: Kind, app: str) -> _Stats:
+        stats = self._stats.get((kind, app))
+        if stats is None:
+            with self._stats_lock:
+                if len({a for _, a in self._stats}) >= _MAX_APPS and not any(
+                    a == app for _, a in self._stats
+                ):
+                    app = OTHER_APP
+                stats = self._stats.get((kind, app))
+                if stats is None:
+                    stats = self._stats[(kind, app)] = _Stats(
+                        kind, app, self.policy.duration_buffer
+                    )
+        return stats
+
+    # -- pushes and pops --------------------------------------------------
+
+    def push(
+        self,
+        ctx: object,
+        kind: Kind,
+        app: str,
+        slot: str,
+        site: Site | None,
+        before: int,
+        *,
+        streaming: bool = False,
+    ) -> None:
+        """Flask pushed ``ctx``; ``before`` is Flask's own push count before it."""
+        now = self._clock()
+        thread = self._thread()
+        var = self._stacks[slot]
+        entry = self._live.get(id(ctx))
+        if entry is not None and entry.ref() is ctx and before > 0:
+            entry.count += 1
+            if streaming:
+                entry.streaming = True
+            if self._repush_stacks:
+                below = var.get()
+                var.set((entry, below, 1 if below is None else below[2] + 1))
+            if thread.flight is not None:
+                thread.flight.append(("push", entry))
+            return
+        if entry is not None:
+            # A stale record: the object was popped or freed while we were not
+            # looking (or its id was reused); start afresh.
+            self._forget(entry)
+        if len(self._live) >= self.policy.cap:
+            next(self.dropped_contexts)
+            return
+        stats = self._stats_for(kind, app)
+        next(stats.pushes)
+        below = var.get()
+        depth = 1 if below is None else below[2] + 1
+        entry = _Entry(
+            next(self._ids),
+            weakref.ref(ctx),
+            stats,
+            slot,
+            site,
+            thread,
+            now,
+            self._unit.get(),
+            depth,
+        )
+        entry.streaming = streaming
+        if self._capture is not None:
+            entry.carry = self._capture()
+        self._live[id(ctx)] = entry
+        var.set((entry, below, depth))
+        self.depth_max = max(self.depth_max, depth)
+        if thread.flight is not None:
+            thread.flight.append(("push", entry))
+        if self._lifecycle:
+            self._emit(ContextPushed(entry.info(), entry.carry))
+
+    def adopt(self, ctx: object, owner: object) -> None:
+        """Record that ``owner`` (a request context) pushed ``ctx`` implicitly.
+
+        A wrong pop of the owner then explains any wrong pop of ``ctx`` that
+        follows from it, which is not reported again.
+        """
+        entry = self._lookup(ctx)
+        owner_entry = self._lookup(owner)
+        if entry is not None and owner_entry is not None:
+            entry.owner = owner_entry
+            entry.site = owner_entry.site
+
+    def set_site(self, ctx: object, site: Site) -> None:
+        """Replace the push site once it is known (a request's endpoint)."""
+        entry = self._lookup(ctx)
+        if entry is not None:
+            entry.site = site
+            if entry.unit is not None and entry.unit.kind == "request":
+                entry.unit.name = site.endpoint or entry.unit.name
+
+    def pop(self, ctx: object, slot: str, before: int, after: int) -> None:
+        """Flask popped ``ctx``; ``before``/``after`` are its push counts around the pop."""
+        entry = self._lookup(ctx)
+        thread = self._thread()
+        if entry is None:
+            if before == 0 and "double_pop" in self._detect:
+                self._report_unknown_double_pop(ctx, thread)
+            return
+        if thread.flight is not None:
+            thread.flight.append(("pop", entry))
+        if before == 0 or entry.orphaned:
+            # The aftermath of a mistake already reported: Flask's own state and
+            # the mirror disagree, so retire the record quietly.
+            if not entry.reported:
+                self._report("double_pop", entry, thread)
+            self._finish(entry, quiet=True)
+            return
+        var = self._stacks[slot]
+        top = var.get()
+        if top is not None and top[0] is entry:
+            if after < before:
+                var.set(top[1])
+                entry.count -= 1
+                if entry.count <= 0:
+                    self._finish(entry)
+            return
+        self._pop_below_top(entry, var, top, thread, took_effect=after < before)
+
+    def _pop_below_top(
+        self,
+        entry: _Entry,
+        var: ContextVar[_Node | None],
+        top: _Node | None,
+        thread: _ThreadState,
+        *,
+        took_effect: bool,
+    ) -> None:
+        """A pop of a context that is not on top: wrong order, or not this stack at all."""
+        node = top
+        while node is not None and node[0] is not entry:
+            node = node[1]
+        if node is None or top is None:
+            # Pushed in another thread or Context: Flask cannot restore that
+            # stack from here, so the context stays where it was pushed.
+            if not entry.reported:
+                entry.reported = True
+                self._report("foreign_pop", entry, thread)
+            return
+        culprit = top[0]
+        if not self._follows_earlier_mistake(entry, culprit):
+            self._report("wrong_pop", entry, thread, other=culprit)
+        entry.reported = culprit.reported = True
+        if took_effect:
+            # Flask restored the stack to what it was before this context's
+            # push: everything above it is no longer reachable.
+            walk: _Node | None = top
+            while walk is not None and walk[0] is not entry:
+                walk[0].orphaned = True
+                walk = walk[1]
+            var.set(node[1])
+            entry.count -= 1
+            if entry.count <= 0:
+                self._finish(entry)
+
+    @staticmethod
+    def _follows_earlier_mistake(entry: _Entry, culprit: _Entry) -> bool:
+        return any(
+            owner is not None and (owner.reported or owner.orphaned)
+            for owner in (entry.owner, culprit.owner)
+        )
+
+    def _lookup(self, ctx: object) -> _Entry | None:
+        entry = self._live.get(id(ctx))
+        if entry is not None and entry.ref() is not ctx:
+            return None
+        return entry
+
+    def _finish(self, entry: _Entry, *, quiet: bool = False) -> None:
+        self._forget(entry)
+        if quiet:
+            return
+        stats = entry.stats
+        next(stats.pops)
+        duration = (self._clock() - entry.pushed_ns) / 1e9
+        stats.durations.append(duration)
+        if self._lifecycle:
+            self._emit(ContextPopped(entry.info(), duration, entry.carry))
+
+    def _forget(self, entry: _Entry) -> None:
+        ctx = entry.ref()
+        key = id(ctx) if ctx is not None else None
+        if key is not None and self._live.get(key) is entry:
+            del self._live[key]
+        else:
+            for k, v in list(self._live.items()):
+                if v is entry:
+                    self._live.pop(k, None)
+                    break
+
+    # -- units of work ----------------------------------------------------
+
+    def begin_unit(self, kind: str, name: str) -> tuple[_UnitState, Token[_UnitState | None]]:
+        """A unit of work starts on this thread: report what earlier units left."""
+        parent = self._unit.get()
+        unit = _UnitState(next(self._unit_ids), kind, name, parent)
+        token = self._unit.set(unit)
+        if "stale_context" in self._detect:
+            for entry in self._entries_on_stacks():
+                if entry.unit is not None and entry.unit.finished:
+                    self._report("stale_context", entry, self._thread(), unit=unit.info())
+        return unit, token
+
+    def current_unit(self) -> _UnitState | None:
+        return self._unit.get()
+
+    def end_unit(
+        self, unit: _UnitState, token: Token[_UnitState | None] | None, *, repair: bool = False
+    ) -> list[object]:
+        """A unit ends: what it pushed and left pushed is leaked.
+
+        Returns the leaked context objects, newest first, when ``repair`` asks
+        for them to be popped.
+        """
+        unit.finished = True
+        try:
+            if token is not None:
+                self._unit.reset(token)
+        except ValueError:
+            self._unit.set(unit.parent)
+        leftovers = [
+            e
+            for e in self._entries_on_stacks()
+            if e.unit is unit and not e.streaming and not e.reported
+        ]
+        thread = self._thread()
+        to_repair: list[object] = []
+        for entry in sorted(leftovers, key=lambda e: e.id, reverse=True):
+            entry.reported = entry.leaked = True
+            ctx = entry.ref() if repair else None
+            if ctx is not None:
+                to_repair.append(ctx)
+            if "leaked" in self._detect:
+                self._report(
+                    "leaked", entry, thread, reason="unit_end", unit=unit.info(),
+                    repaired=ctx is not None,
+                )
+        return to_repair
+
+    def _entries_on_stacks(self) -> Iterator[_Entry]:
+        seen: set[int] = set()
+        for var in self._stacks.values():
+            node = var.get()
+            while node is not None:
+                entry = node[0]
+                if entry.id not in seen:
+                    seen.add(entry.id)
+                    yield entry
+                node = node[1]
+
+    # -- periodic and final checks ----------------------------------------
+
+    def sweep(self) -> None:
+        """Find long-lived contexts and leaks whose thread ended or object was freed.
+
+        Runs off the request path (a watchdog thread), so it may walk every entry.
+        """
+        now = self._clock()
+        policy = self.policy
+        for entry in list(self._live.values()):
+            if entry.ref() is None or not entry.thread.alive():
+                reason = "collected" if entry.ref() is None else "thread_end"
+                self._forget(entry)
+                if not entry.reported and "leaked" in self._detect:
+                    entry.reported = entry.leaked = True
+                    self._report("leaked", entry, None, reason=reason)
+                continue
+            if entry.long_reported or "long_lived" not in self._detect:
+                continue
+            if entry.streaming and not policy.long_lived_streaming:
+                continue
+            limit = (
+                policy.long_lived_request_s
+                if entry.stats.kind == "request"
+                else policy.long_lived_app_s
+            )
+            if limit is not None and now - entry.pushed_ns > limit * 1e9:
+                entry.long_reported = True
+                self._report("long_lived", entry, None)
+
+    def finish_all(self) -> None:
+        """At process exit, whatever is still pushed has leaked."""
+        for entry in list(self._live.values()):
+            self._forget(entry)
+            if not entry.reported and "leaked" in self._detect:
+                entry.reported = entry.leaked = True
+                self._report("leaked", entry, None, reason="exit")
+
+    def forget_all(self) -> None:
+        """Drop every record (after fork: the parent's contexts are not ours)."""
+        self._live.clear()
+        for var in self._stacks.values():
+            var.set(None)
+        self._unit.set(None)
+        self._tls = threading.local()
+
+    # -- out-of-context access --------------------------------------------
+
+    def access(
+        self,
+        proxy: str,
+        site: Site | None,
+        phase: Phase,
+        exc: BaseException,
+        parent_unit: Unit | None = None,
+    ) -> None:
+        """A proxy lookup failed with no context and the error reached the caller."""
+        thread = self._thread()
+        unit = self._unit.get()
+        self._emit(
+            OutOfContextAccess(
+                proxy=proxy,
+                site=site,
+                phase=phase,
+                thread_name=thread.name,
+                exc_type=type(exc).__name__,
+                exc_message=str(exc).split("\n", 1)[0][:200],
+                unit=unit.info() if unit is not None else None,
+                flight=self._flight(thread),
+                at_ns=self._clock(),
+                parent_unit=parent_unit,
+            )
+        )
+
+    # -- reporting --------------------------------------------------------
+
+    def _report(
+        self,
+        name: AnomalyName,
+        entry: _Entry,
+        thread: _ThreadState | None,
+        *,
+        other: _Entry | None = None,
+        unit: Unit | None = None,
+        reason: str = "",
+        repaired: bool = False,
+    ) -> None:
+        if name not in self._detect:
+            return
+        where = thread or entry.thread
+        self._emit(
+            Anomaly(
+                name=name,
+                context=entry.info(),
+                flight=self._flight(where),
+                at_ns=self._clock(),
+                thread_name=where.name,
+                other=other.info() if other is not None else None,
+                unit=unit,
+                reason=reason,
+                repaired=repaired,
+                carry=entry.carry,
+            )
+        )
+
+    def _report_unknown_double_pop(self, ctx: object, thread: _ThreadState) -> None:
+        kind, app = self._describe(ctx)
+        info = ContextInfo(
+            id=0, kind=kind, app=app, site=None, thread_id=thread.ident,
+            thread_name=thread.name, pushed_ns=0, depth=0, push_count=0, unit=None,
+        )
+        self._emit(
+            Anomaly(
+                name="double_pop", context=info, flight=self._flight(thread),
+                at_ns=self._clock(), thread_name=thread.name,
+            )
+        )
+
+    @staticmethod
+    def _flight(thread: _ThreadState) -> tuple[FlightRecord, ...]:
+        if thread.flight is None:
+            return ()
+        return tuple(
+            FlightRecord(
+                op="push" if op == "push" else "pop",
+                kind=entry.stats.kind,
+                context_id=entry.id,
+                site=entry.site,
+                thread_name=entry.thread.name,
+            )
+            for op, entry in list(thread.flight)
+        )
+
+    # -- reading ----------------------------------------------------------
+
+    def snapshot(self) -> list[StatsSnapshot]:
+        """Exact counts per (kind, app), for observable instruments."""
+        active: dict[tuple[str, str], int] = {}
+        for entry in list(self._live.values()):
+            key = (entry.stats.kind, entry.stats.app)
+            active[key] = active.get(key, 0) + 1
+        return [
+            StatsSnapshot(
+                kind=s.kind,
+                app=s.app,
+                pushes=_count_of(s.pushes),
+                pops=_count_of(s.pops),
+                active=active.get((s.kind, s.app), 0),
+            )
+            for s in list(self._stats.values())
+        ]
+
+    def drain_durations(self) -> Iterator[tuple[Kind, str, float]]:
+        """Hand lifetimes to the metrics emitter, oldest first, without blocking pushes."""
+        for stats in list(self._stats.values()):
+            buffer = stats.durations
+            while True:
+                try:
+                    value = buffer.popleft()
+                except IndexError:
+                    break
+                yield stats.kind, stats.app, value
+
+    def take_depth_max(self) -> int:
+        """The deepest stack since the last call (a gauge that resets on read)."""
+        depth, self.depth_max = self.depth_max, 0
+        return depth
+
+    def live_count(self) -> int:
+        return len(self._live)

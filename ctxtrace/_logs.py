@@ -1,0 +1,200 @@
+"""The structlog emitter: anomaly events as log lines, rate-limited per site.
+
+ctxtrace never reconfigures structlog. If the host configured it, lines go
+through the host's processors; otherwise through a private JSON-lines logger on
+stderr. Each line is built only from event fields (code locations, names,
+counts), so no request data can reach it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import structlog
+
+from ._events import Anomaly, ContextInfo, ContextPopped, ContextPushed, Event, OutOfContextAccess
+
+LOGGER_NAME: Final = "ctxtrace"
+_ERROR_ANOMALIES: Final = frozenset(
+    ("leaked", "wrong_pop", "double_pop", "foreign_pop", "stale_context")
+)
+_MAX_KEYS: Final = 10_000
+
+
+def private_logger(level: int = logging.INFO) -> Any:
+    """JSON lines on stderr, for hosts that did not configure structlog."""
+    return structlog.wrap_logger(
+        structlog.PrintLogger(sys.stderr),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_name=LOGGER_NAME,
+    )
+
+
+def get_logger(level: int = logging.INFO) -> Any:
+    """The host's structlog if configured, else the private JSON logger."""
+    if structlog.is_configured():
+        return structlog.get_logger(LOGGER_NAME)
+    return private_logger(level)
+
+
+def _context_fields(info: ContextInfo, prefix: str = "") -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        f"{prefix}context_id": info.id,
+        f"{prefix}kind": info.kind,
+        f"{prefix}site": str(info.site) if info.site is not None else None,
+    }
+    if not prefix:
+        fields.update(
+            app=info.app,
+            function=info.site.function if info.site is not None else None,
+            thread=info.thread_name,
+            depth=info.depth,
+            push_count=info.push_count,
+            pushed_in=f"{info.unit.kind}:{info.unit.name}" if info.unit is not None else None,
+        )
+    return fields
+
+
+class RateLimiter:
+    """First occurrence of a key always passes; then one summary per window."""
+
+    def __init__(self, window_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window = window_s
+        self._clock = clock
+        self._seen: dict[tuple[str, str], list[float]] = {}
+        self._lock = threading.Lock()
+        self.dropped = itertools.count()
+
+    def admit(self, key: tuple[str, str]) -> int | None:
+        """``None`` to drop the line, else how many were dropped since the last one."""
+        if self._window is None:
+            return 0
+        now = self._clock()
+        with self._lock:
+            state = self._seen.get(key)
+            if state is None:
+                if len(self._seen) >= _MAX_KEYS:
+                    self._seen.clear()
+                self._seen[key] = [now, 0.0]
+                return 0
+            if now - state[0] < self._window:
+                state[1] += 1
+                next(self.dropped)
+                return None
+            suppressed = int(state[1])
+            state[0], state[1] = now, 0.0
+            return suppressed
+
+
+class LogEmitter:
+    """Turns events into structlog lines."""
+
+    name: Final = "logs"
+
+    def __init__(
+        self,
+        worker: Callable[[], str],
+        rate_window_s: float | None,
+        lifecycle: bool,
+        enrich: Callable[[Event], dict[str, str]] = lambda event: {},
+    ) -> None:
+        self._worker = worker
+        self._limiter = RateLimiter(rate_window_s)
+        self._lifecycle = lifecycle
+        self._enrich = enrich
+        self._private = private_logger(logging.DEBUG if lifecycle else logging.INFO)
+
+    @property
+    def dropped(self) -> int:
+        return int(repr(self._limiter.dropped)[6:-1])
+
+    def _logger(self) -> Any:
+        return structlog.get_logger(LOGGER_NAME) if structlog.is_configured() else self._private
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, Anomaly):
+            self._anomaly(event)
+        elif isinstance(event, OutOfContextAccess):
+            self._access(event)
+        elif self._lifecycle and isinstance(event, ContextPushed | ContextPopped):
+            self._lifecycle_line(event)
+
+    def _common(self, event: Event) -> dict[str, Any]:
+        fields: dict[str, Any] = {"pid": os.getpid(), "worker": self._worker()}
+        fields.update(self._enrich(event))
+        return fields
+
+    def _anomaly(self, event: Anomaly) -> None:
+        site = str(event.context.site) if event.context.site is not None else "?"
+        suppressed = self._limiter.admit((event.name, site))
+        if suppressed is None:
+            return
+        fields = self._common(event)
+        fields.update(_context_fields(event.context))
+        fields.update(
+            anomaly=event.name,
+            age_s=round(max(0, event.at_ns - event.context.pushed_ns) / 1e9, 6)
+            if event.context.pushed_ns
+            else None,
+            seen_on_thread=event.thread_name,
+            flight=[
+                f"{r.op} {r.kind}#{r.context_id} at {r.site or '?'} on {r.thread_name}"
+                for r in event.flight
+            ],
+        )
+        if event.other is not None:
+            fields.update(_context_fields(event.other, prefix="top_"))
+        if event.unit is not None:
+            fields["unit"] = f"{event.unit.kind}:{event.unit.name}"
+        if event.reason:
+            fields["reason"] = event.reason
+        if event.repaired:
+            fields["repaired"] = True
+        if suppressed:
+            fields["suppressed_since_last"] = suppressed
+        log = self._logger()
+        method = log.error if event.name in _ERROR_ANOMALIES else log.warning
+        method(f"ctxtrace.{event.name}", **fields)
+
+    def _access(self, event: OutOfContextAccess) -> None:
+        site = str(event.site) if event.site is not None else "?"
+        suppressed = self._limiter.admit(("out_of_context_access", site))
+        if suppressed is None:
+            return
+        fields = self._common(event)
+        fields.update(
+            proxy=event.proxy,
+            phase=event.phase,
+            site=site,
+            function=event.site.function if event.site is not None else None,
+            thread=event.thread_name,
+            exc_type=event.exc_type,
+            exc_message=event.exc_message,
+            unit=f"{event.unit.kind}:{event.unit.name}" if event.unit is not None else None,
+        )
+        if event.parent_unit is not None:
+            fields["started_by"] = f"{event.parent_unit.kind}:{event.parent_unit.name}"
+        if suppressed:
+            fields["suppressed_since_last"] = suppressed
+        self._logger().warning("ctxtrace.out_of_context_access", **fields)
+
+    def _lifecycle_line(self, event: ContextPushed | ContextPopped) -> None:
+        fields = self._common(event)
+        fields.update(_context_fields(event.context))
+        if isinstance(event, ContextPopped):
+            fields["duration_s"] = round(event.duration_s, 6)
+            self._logger().debug("ctxtrace.pop", **fields)
+        else:
+            self._logger().debug("ctxtrace.push", **fields)

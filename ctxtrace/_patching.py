@@ -1,0 +1,48 @@
+"""Putting wrappers on other people's objects, and taking them off again exactly.
+
+``uninstrument()`` must hand back the identical original object, and must not
+unpick a wrapper another tool put on top of ours later: such a patch stays, and
+our wrapper inside it turns itself into a plain pass-through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+_MISSING = object()
+
+
+@dataclass(slots=True)
+class Patch:
+    """One attribute replaced on a class or a proxy slot."""
+
+    target: Any
+    attr: str
+    replacement: Any
+    slot: bool = False
+    original: Any = _MISSING
+
+    def apply(self) -> None:
+        if self.slot:
+            self.original = object.__getattribute__(self.target, self.attr)
+            object.__setattr__(self.target, self.attr, self.replacement)
+        else:
+            self.original = vars(self.target).get(self.attr, _MISSING)
+            setattr(self.target, self.attr, self.replacement)
+
+    def revert(self) -> bool:
+        """Restore the original if ours is still the outermost; say whether it was."""
+        if self.slot:
+            current = object.__getattribute__(self.target, self.attr)
+        else:
+            current = vars(self.target).get(self.attr, _MISSING)
+        if current is not self.replacement:
+            return False
+        if self.slot:
+            object.__setattr__(self.target, self.attr, self.original)
+        elif self.original is _MISSING:
+            delattr(self.target, self.attr)
+        else:
+            setattr(self.target, self.attr, self.original)
+        return True
