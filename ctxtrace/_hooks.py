@@ -196,7 +196,7 @@ class Hooks:
             if not hooks.active:
                 return original(self, environ, start_response)
             try:
-                unit, token = hooks.ledger.begin_unit("request", "request")
+                unit, token = hooks.ledger.begin_unit("request", "request", check_stale=False)
             except Exception as exc:
                 hooks.errors.record("hooks", exc)
                 return original(self, environ, start_response)

@@ -87,7 +87,7 @@ class _ThreadState:
 class _UnitState:
     """A unit of work while it runs; ``finished`` turns its leftovers stale."""
 
-    __slots__ = ("finished", "id", "kind", "name", "parent")
+    __slots__ = ("checked", "finished", "id", "kind", "name", "parent")
 
     def __init__(self, uid: int, kind: str, name: str, parent: _UnitState | None) -> None:
         self.id = uid
@@ -95,6 +95,7 @@ class _UnitState:
         self.name = name
         self.parent = parent
         self.finished = False
+        self.checked = False
 
     def info(self) -> Unit:
         return Unit(id=self.id, kind=self.kind, name=self.name)
@@ -347,8 +348,11 @@ class Ledger:
         entry = self._lookup(ctx)
         if entry is not None:
             entry.site = site
-            if entry.unit is not None and entry.unit.kind == "request":
-                entry.unit.name = site.endpoint or entry.unit.name
+            unit = entry.unit
+            if unit is not None and unit.kind == "request" and not unit.finished:
+                unit.name = site.endpoint or unit.name
+                if not unit.checked:
+                    self.check_stale(unit)
 
     def pop(self, ctx: object, slot: str, before: int, after: int) -> None:
         """Flask popped ``ctx``; ``before``/``after`` are its push counts around the pop."""
@@ -451,16 +455,30 @@ class Ledger:
 
     # -- units of work ----------------------------------------------------
 
-    def begin_unit(self, kind: str, name: str) -> tuple[_UnitState, Token[_UnitState | None]]:
-        """A unit of work starts on this thread: report what earlier units left."""
+    def begin_unit(
+        self, kind: str, name: str, *, check_stale: bool = True
+    ) -> tuple[_UnitState, Token[_UnitState | None]]:
+        """A unit of work starts on this thread.
+
+        What earlier units left on the stacks is reported now, or, with
+        ``check_stale=False``, once the unit knows its name (a request learns
+        its endpoint when its context is pushed) and at the latest when it ends.
+        """
         parent = self._unit.get()
         unit = _UnitState(next(self._unit_ids), kind, name, parent)
         token = self._unit.set(unit)
-        if "stale_context" in self._detect:
-            for entry in self._entries_on_stacks():
-                if entry.unit is not None and entry.unit.finished:
-                    self._report("stale_context", entry, self._thread(), unit=unit.info())
+        if check_stale:
+            self.check_stale(unit)
         return unit, token
+
+    def check_stale(self, unit: _UnitState) -> None:
+        """Report each context a finished unit left on this thread's stacks."""
+        unit.checked = True
+        if "stale_context" not in self._detect:
+            return
+        for entry in self._entries_on_stacks():
+            if entry.unit is not None and entry.unit.finished:
+                self._report("stale_context", entry, self._thread(), unit=unit.info())
 
     def current_unit(self) -> _UnitState | None:
         return self._unit.get()
@@ -473,6 +491,8 @@ class Ledger:
         Returns the leaked context objects, newest first, when ``repair`` asks
         for them to be popped.
         """
+        if not unit.checked:
+            self.check_stale(unit)
         unit.finished = True
         try:
             if token is not None:
@@ -676,6 +696,11 @@ class Ledger:
         """The deepest stack since the last call (a gauge that resets on read)."""
         depth, self.depth_max = self.depth_max, 0
         return depth
+
+    def context_id(self, ctx: object) -> int | None:
+        """ctxtrace's id for a tracked context, for log correlation."""
+        entry = self._lookup(ctx)
+        return entry.id if entry is not None else None
 
     def live_count(self) -> int:
         return len(self._live)

@@ -1,0 +1,70 @@
+"""Helpers for the tests: an event recorder, stack cleanup and site markers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flask import globals as flask_globals
+
+from ctxtrace._events import Anomaly, Event, OutOfContextAccess
+
+
+@dataclass
+class Recorder:
+    """An emitter that keeps every event, for assertions."""
+
+    events: list[Event] = field(default_factory=list)
+    name: str = "recorder"
+
+    def handle(self, event: Event) -> None:
+        self.events.append(event)
+
+    def anomalies(self, name: str | None = None) -> list[Anomaly]:
+        return [
+            e for e in self.events if isinstance(e, Anomaly) and (name is None or e.name == name)
+        ]
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.anomalies()]
+
+    def accesses(self) -> list[OutOfContextAccess]:
+        return [e for e in self.events if isinstance(e, OutOfContextAccess)]
+
+    def clear(self) -> None:
+        self.events.clear()
+
+
+def clear_flask_stacks() -> None:
+    """Pop whatever a test left on this thread's Flask stacks (leak-on-purpose tests).
+
+    Popping, not ``ContextVar.set(None)``: a ``None`` on the stack would break
+    Flask's proxies for the rest of the process.
+    """
+    for name in ("_cv_request", "_cv_app"):
+        var = getattr(flask_globals, name, None)
+        for _ in range(100):
+            ctx = None if var is None else var.get(None)
+            if ctx is None:
+                break
+            try:
+                ctx.pop()
+            except Exception:
+                if var.get(None) is ctx:
+                    break
+
+
+def line_of(path: str, marker: str) -> int:
+    """The line of a ``# site: NAME`` marker, so tests can assert exact sites."""
+    for number, text in enumerate(Path(path).read_text().splitlines(), start=1):
+        if text.rstrip().endswith(f"# site: {marker}"):
+            return number
+    raise LookupError(marker)
+
+
+def push_count(ctx: object) -> int:
+    """Flask's own push count for a context, on either shape of Flask."""
+    tokens = getattr(ctx, "_cv_tokens", None)
+    if tokens is not None:
+        return len(tokens)
+    return int(getattr(ctx, "_push_count", 0)) if getattr(ctx, "_cv_token", None) else 0

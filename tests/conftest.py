@@ -1,0 +1,80 @@
+"""Shared fixtures: an instrumented agent with an event recorder, and a clean-stack guard."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask import globals as flask_globals
+
+import ctxtrace
+from ctxtrace import _agent
+
+from ._support import Recorder, clear_flask_stacks
+
+
+@pytest.fixture(autouse=True)
+def no_context_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail any test that leaves a Flask context pushed, as Flask's own suite does."""
+    yield
+    leftover = [
+        name
+        for name in ("_cv_request", "_cv_app")
+        if getattr(flask_globals, name, None) is not None
+        and getattr(flask_globals, name).get(None) is not None
+    ]
+    clear_flask_stacks()
+    if leftover and request.node.get_closest_marker("leaks_on_purpose") is None:
+        pytest.fail(f"test left Flask contexts pushed: {leftover}")
+
+
+@pytest.fixture(autouse=True)
+def never_left_instrumented() -> Iterator[None]:
+    """Each test starts and ends with ctxtrace off."""
+    if ctxtrace.is_instrumented():
+        ctxtrace.uninstrument()
+    yield
+    if ctxtrace.is_instrumented():
+        ctxtrace.uninstrument()
+
+
+@pytest.fixture
+def instrumented() -> Iterator[Any]:
+    """A factory: ``recorder = instrumented(**options)`` turns ctxtrace on and records events."""
+    agents: list[_agent.Agent] = []
+
+    def start(**options: Any) -> Recorder:
+        options.setdefault("log_rate_window", "off")
+        assert ctxtrace.instrument(**options)
+        agent = _agent.current()
+        assert agent is not None
+        recorder = Recorder()
+        agent.subscribe(recorder)
+        agents.append(agent)
+        return recorder
+
+    yield start
+    for _ in agents:
+        if ctxtrace.is_instrumented():
+            ctxtrace.uninstrument()
+
+
+@pytest.fixture
+def agent_now() -> Any:
+    """The running agent (after ``instrumented``)."""
+    return _agent.current
+
+
+@pytest.fixture
+def app() -> Flask:
+    """A small app with a healthy view and a view that uses ``g``."""
+    app = Flask("shop")
+    app.config["SECRET_KEY"] = "test"
+
+    @app.route("/")
+    def index() -> str:
+        return "ok"
+
+    return app
