@@ -29,10 +29,11 @@ from flask.cli import FlaskGroup, ScriptInfo
 from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
-from ctxtrace.example import ANOMALIES, APP_NAME, SCENARIOS, create_app
+from ctxtrace.example import APP_NAME, SCENARIOS, create_app
 from ctxtrace.example.cli import admin
 from ctxtrace.example.extension import audit, inventory
 from ctxtrace.example.faults import LEAKED_MARKER
+from ctxtrace.example.scenarios import ANOMALY_NAMES
 from ctxtrace.example.worker import load_lazy_settings, run_in_thread
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +250,10 @@ def test_wrong_order_pop_is_caught_and_unwound(client: FlaskClient) -> None:
 def test_stale_g_on_the_same_thread(client: FlaskClient) -> None:
     """The middleware leaks its context; up to 3.1 the next request on the thread reuses it."""
     assert _json(client, "/whoami")["leaked_marker"] is None
-    assert _json(client, "/fault/stale-g")["marker"] == LEAKED_MARKER
+    stale = _json(client, "/fault/stale-g")
+    assert stale["marker"] == LEAKED_MARKER
+    # The view shares the middleware's g only while requests reuse an active context.
+    assert stale["latency_budget_ms"] == (0.0 if FLASK_BEFORE_3_2 else None)
     seen = _json(client, "/whoami")["leaked_marker"]
     assert seen == (LEAKED_MARKER if FLASK_BEFORE_3_2 else None)
     # Leaked on every version: 3.2 only stopped requests from reusing it.
@@ -276,9 +280,13 @@ def test_stale_g_reaches_the_next_request_on_a_real_server(app: Flask) -> None:
         server.shutdown()
         server.server_close()
         serving.join(5)
-    assert before == {"leaked_marker": None, "thread": "shop-server"}
-    expected = LEAKED_MARKER if FLASK_BEFORE_3_2 else None
-    assert after == {"leaked_marker": expected, "thread": "shop-server"}
+    assert before == {"leaked_marker": None, "g_attributes": [], "thread": "shop-server"}
+    if FLASK_BEFORE_3_2:
+        assert after["leaked_marker"] == LEAKED_MARKER
+        assert after["g_attributes"] == ["latency_budget_ms", "leaked_marker"]
+    else:
+        assert (after["leaked_marker"], after["g_attributes"]) == (None, [])
+    assert after["thread"] == "shop-server"
 
 
 def test_background_wait_is_bounded() -> None:
@@ -329,7 +337,8 @@ def test_report_config_is_hidden_by_the_flask_command() -> None:
 def test_python_m_entry_point(command: str, status: int) -> None:
     """python -m ctxtrace.example runs the admin commands in a real process."""
     # The repository root, for a checkout that is not installed into the environment.
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    pythonpath = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
     proc = subprocess.run(
         [sys.executable, "-m", "ctxtrace.example", command],
         capture_output=True,
@@ -352,7 +361,7 @@ def test_scenarios_are_well_formed(app: Flask) -> None:
     urls = app.url_map.bind("localhost")
     for scenario in SCENARIOS:
         assert scenario.anomalies
-        assert set(scenario.anomalies + scenario.anomalies_before_flask_3_2) <= set(ANOMALIES)
+        assert set(scenario.anomalies + scenario.anomalies_before_flask_3_2) <= set(ANOMALY_NAMES)
         assert scenario.cause.endswith(".")
         assert scenario.fix.endswith(".")
         if scenario.kind == "cli":

@@ -1,0 +1,101 @@
+"""A fault inside ctxtrace never changes what the application sees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask, abort, current_app
+
+import ctxtrace
+from ctxtrace import _agent
+from ctxtrace._ledger import Ledger
+
+
+def _make_app(order: list[str]) -> Flask:
+    app = Flask("faults")
+
+    @app.route("/ok")
+    def ok() -> str:
+        return "fine"
+
+    @app.route("/missing")
+    def missing() -> str:
+        abort(404)
+
+    @app.route("/crash")
+    def crash() -> str:
+        try:
+            raise KeyError("inner")
+        except KeyError as exc:
+            raise ValueError("outer") from exc
+
+    @app.teardown_request
+    def td_request(exc: BaseException | None) -> None:
+        order.append(f"request:{type(exc).__name__ if exc else None}")
+
+    @app.teardown_appcontext
+    def td_app(exc: BaseException | None) -> None:
+        order.append(f"app:{type(exc).__name__ if exc else None}")
+
+    return app
+
+
+def _observe() -> tuple[list[Any], list[str]]:
+    order: list[str] = []
+    app = _make_app(order)
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+    client = app.test_client()
+    seen: list[Any] = []
+    for path in ("/ok", "/missing"):
+        response = client.get(path)
+        seen.append((path, response.status_code, response.get_data()))
+    with pytest.raises(ValueError) as info:
+        client.get("/crash")
+    exc = info.value
+    seen.append(("crash", type(exc), str(exc), type(exc.__cause__), str(exc.__cause__)))
+    with pytest.raises(RuntimeError) as outside:
+        current_app.name  # noqa: B018 - the failed access is the point
+    seen.append(("outside", type(outside.value), str(outside.value), outside.value.__cause__))
+    return seen, order
+
+
+def _explode(*args: Any, **kwargs: Any) -> None:
+    raise ZeroDivisionError("fault injected into the ledger")
+
+
+@pytest.mark.parametrize("method", ["push", "pop", "begin_unit", "end_unit", "access"])
+def test_fault_in_ledger_leaves_app_identical(
+    method: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Responses, exceptions (type, message, cause) and teardown order match a bare run."""
+    bare = _observe()
+    assert ctxtrace.instrument()
+    monkeypatch.setattr(Ledger, method, _explode)
+    instrumented = _observe()
+    assert instrumented == bare
+    agent = _agent.current()
+    assert agent is not None
+    errors = agent.errors.counts()
+    assert errors.get("hooks", 0) >= 1
+    logged = [line for line in capsys.readouterr().err.splitlines() if "internal_error" in line]
+    assert len(logged) == 1, "an internal error is logged once, then only counted"
+
+
+def test_fault_in_an_emitter_is_counted_not_raised(app: Flask, instrumented: Any) -> None:
+    """An emitter that raises on every event: the app is unaffected and it is counted."""
+    instrumented()
+    agent = _agent.current()
+    assert agent is not None
+
+    class Broken:
+        name = "broken"
+
+        def handle(self, event: object) -> None:
+            raise OSError("disk full")
+
+    agent.subscribe(Broken())
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            current_app.name  # noqa: B018
+    assert agent.errors.counts() == {"broken": 3}

@@ -1,0 +1,164 @@
+"""Ledger behaviours not covered by the model: bounds, sweeps, repair, counts."""
+
+from __future__ import annotations
+
+import contextvars
+import gc
+import threading
+import time
+from typing import Any
+
+import pytest
+from flask import Flask, g
+
+from ctxtrace import _agent
+from ctxtrace._flaskshape import detect
+
+from ._support import clear_flask_stacks
+
+
+def _agent_now() -> _agent.Agent:
+    agent = _agent.current()
+    assert agent is not None
+    return agent
+
+
+def test_cap_turns_away_and_counts(app: Flask, instrumented: Any) -> None:
+    """Beyond the cap no context is tracked; what was turned away is counted."""
+    instrumented(ledger_cap=16)
+    contexts = [app.app_context() for _ in range(20)]
+    for ctx in contexts:
+        ctx.push()
+    ledger = _agent_now().ledger
+    assert ledger.live_count() == 16
+    assert int(repr(ledger.dropped_contexts)[6:-1]) == 4
+    for ctx in reversed(contexts):
+        ctx.pop()
+    assert ledger.live_count() == 0
+
+
+def test_long_lived_request_context_reported_once(app: Flask, instrumented: Any) -> None:
+    """A request context older than the limit is reported by the sweep, once."""
+    recorder = instrumented(long_lived_request=0.01)
+    with app.test_request_context("/"):
+        time.sleep(0.03)
+        _agent_now().sweep()
+        _agent_now().sweep()
+    assert recorder.names() == ["long_lived"]
+    assert recorder.anomalies()[0].context.kind == "request"
+
+
+def test_app_contexts_are_not_long_lived_by_default(app: Flask, instrumented: Any) -> None:
+    """App contexts are held legitimately by CLI commands and workers."""
+    recorder = instrumented(long_lived_request=0.01)
+    with app.app_context():
+        time.sleep(0.03)
+        _agent_now().sweep()
+    assert recorder.names() == []
+
+
+def test_leak_found_when_context_is_collected(app: Flask, instrumented: Any) -> None:
+    """A context left pushed in a Context that is thrown away is leaked (collected)."""
+    recorder = instrumented()
+    contextvars.copy_context().run(lambda: app.app_context().push())
+    gc.collect()
+    _agent_now().sweep()
+    [leak] = recorder.anomalies()
+    assert (leak.name, leak.reason) == ("leaked", "collected")
+    assert _agent_now().ledger.live_count() == 0
+
+
+@pytest.mark.leaks_on_purpose
+def test_leak_found_at_process_exit(app: Flask, instrumented: Any) -> None:
+    """Whatever is still pushed at exit is leaked (reason exit)."""
+    recorder = instrumented()
+    app.app_context().push()
+    _agent_now().ledger.finish_all()
+    assert [(a.name, a.reason) for a in recorder.anomalies()] == [("leaked", "exit")]
+    clear_flask_stacks()
+
+
+def test_foreign_pop_in_another_thread(app: Flask, instrumented: Any) -> None:
+    """Popping in a thread other than the pusher's is foreign_pop, with both thread names."""
+    recorder = instrumented()
+    ctx = app.app_context()
+    ctx.push()
+    errors: list[BaseException] = []
+
+    def pop_elsewhere() -> None:
+        try:
+            ctx.pop()
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=pop_elsewhere, name="elsewhere")
+    worker.start()
+    worker.join()
+    [foreign] = recorder.anomalies()
+    assert foreign.name == "foreign_pop"
+    assert foreign.thread_name == "elsewhere"
+    assert foreign.context.thread_name == threading.current_thread().name
+    assert errors, "Flask itself refuses a pop from another thread"
+    clear_flask_stacks()
+
+
+def test_double_pop(app: Flask, instrumented: Any) -> None:
+    """Popping a context that is no longer pushed is double_pop."""
+    recorder = instrumented()
+    ctx = app.app_context()
+    ctx.push()
+    ctx.pop()
+    with pytest.raises((IndexError, LookupError, RuntimeError)):
+        ctx.pop()
+    assert recorder.names() == ["double_pop"]
+
+
+class AuditMiddleware:
+    """Pushes an app context around the app and forgets to pop it."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app, self.inner = app, app.wsgi_app
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        self.app.app_context().push()
+        return self.inner(environ, start_response)
+
+
+def test_repair_pops_the_leak_and_runs_teardown(app: Flask, instrumented: Any) -> None:
+    """With repair on, the leaked context is popped at unit end: the next request is clean."""
+    recorder = instrumented(repair=True)
+    torn_down: list[str] = []
+    app.teardown_appcontext(lambda exc: torn_down.append("down"))
+
+    @app.route("/mark")
+    def mark() -> str:
+        seen = g.get("marker", "clean")
+        g.marker = "stale"
+        return str(seen)
+
+    app.wsgi_app = AuditMiddleware(app)  # type: ignore[method-assign]
+    client = app.test_client()
+    assert client.get("/mark").get_data(as_text=True) == "clean"
+    assert client.get("/mark").get_data(as_text=True) == "clean"
+    leaks = recorder.anomalies("leaked")
+    assert len(leaks) == 2 and all(a.repaired for a in leaks)
+    assert recorder.anomalies("stale_context") == []
+    assert "down" in torn_down
+
+
+def test_counts_and_durations(app: Flask, instrumented: Any) -> None:
+    """Exact push/pop counts per kind and app, and one lifetime per finished context."""
+    instrumented()
+    client = app.test_client()
+    for _ in range(5):
+        client.get("/")
+    with app.app_context():
+        pass
+    ledger = _agent_now().ledger
+    counts = {(s.kind, s.app): (s.pushes, s.pops, s.active) for s in ledger.snapshot()}
+    # Before the merge, each request also pushes an app context of its own.
+    app_pushes = 1 if detect().merged else 6
+    assert counts == {("app", "shop"): (app_pushes,) * 2 + (0,), ("request", "shop"): (5, 5, 0)}
+    durations = list(ledger.drain_durations())
+    assert len(durations) == sum(v[1] for v in counts.values())
+    assert all(d >= 0 for _, _, d in durations)
