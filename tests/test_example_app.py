@@ -361,7 +361,7 @@ def test_scenarios_are_well_formed(app: Flask) -> None:
     urls = app.url_map.bind("localhost")
     for scenario in SCENARIOS:
         assert scenario.anomalies
-        assert set(scenario.anomalies + scenario.anomalies_before_flask_3_2) <= set(ANOMALY_NAMES)
+        assert set(scenario.anomalies) <= set(ANOMALY_NAMES)
         assert scenario.cause.endswith(".")
         assert scenario.fix.endswith(".")
         if scenario.kind == "cli":
@@ -378,10 +378,3 @@ def test_scenarios_cover_every_fault_endpoint(app: Flask) -> None:
     """Each /fault/... route is described in the table."""
     routes = {rule.rule for rule in app.url_map.iter_rules() if rule.rule.startswith("/fault/")}
     assert routes == {s.trigger for s in SCENARIOS if s.kind == "http"}
-
-
-def test_scenario_expectations_depend_on_the_flask_version() -> None:
-    """stale_context is expected before Flask 3.2 only."""
-    stale = next(s for s in SCENARIOS if s.id == "stale-g")
-    assert stale.expected((3, 1)) == ("leaked", "stale_context")
-    assert stale.expected((3, 2)) == ("leaked",)
