@@ -12,6 +12,7 @@ import atexit
 import os
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import _flaskshape, _worker
@@ -43,6 +44,14 @@ class Lifecycle(Protocol):
 
 
 EmitterFactory = Callable[["Agent"], list[Emitter]]
+
+
+@dataclass(frozen=True, slots=True)
+class UnitHandle:
+    """What ``Agent.begin_unit`` hands back, to pass to ``Agent.end_unit``."""
+
+    unit: Any
+    token: Any
 _extra_emitters: list[EmitterFactory] = []
 
 
@@ -108,7 +117,7 @@ class Agent:
             self.shape,
             self.errors,
             repair=config.repair,
-            suppressed=_Suppressions(config.suppress),
+            suppressed=_Suppressions(config.suppress) if config.suppress else None,
             detect_access=config.detect_out_of_context_access,
         )
         for factory in _extra_emitters:
@@ -122,6 +131,24 @@ class Agent:
 
     def unsubscribe(self, emitter: Emitter) -> None:
         self.emitters = [e for e in self.emitters if e is not emitter]
+
+    def begin_unit(self, kind: str, name: str) -> UnitHandle:
+        """Start a unit of work (task, job, command, thread) on the calling thread.
+
+        Integrations call this where their unit starts and ``end_unit`` where it
+        ends, on the same thread; contexts the unit leaves pushed are leaked.
+        """
+        try:
+            unit, token = self.ledger.begin_unit(kind, name)
+        except Exception as exc:
+            self.errors.record("units", exc)
+            return UnitHandle(None, None)
+        return UnitHandle(unit, token)
+
+    def end_unit(self, handle: UnitHandle) -> None:
+        """End a unit started by ``begin_unit``; repairs leaks when ``repair`` is on."""
+        if handle.unit is not None:
+            self.hooks.end_unit(handle.unit, handle.token)
 
     def _dispatch(self, event: Event) -> None:
         for emitter in self.emitters:

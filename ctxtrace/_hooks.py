@@ -42,7 +42,7 @@ class Hooks:
         errors: InternalErrors,
         *,
         repair: bool,
-        suppressed: Callable[[Site | None], bool],
+        suppressed: Callable[[Site | None], bool] | None,
         detect_access: bool,
     ) -> None:
         self.ledger = ledger
@@ -54,6 +54,7 @@ class Hooks:
         self.active = True
         self.patches: list[Patch] = []
         self._names: dict[str, str] = {}
+        self._stats_cache: dict[str, dict[Any, Any]] = {"app": {}, "request": {}}
         self._lookup_codes = {
             werkzeug.local._ProxyLookup.__get__.__code__,
             werkzeug.local._ProxyLookup.__call__.__code__,
@@ -66,13 +67,16 @@ class Hooks:
         shape = self.shape
         _sites.mark(flask.app.Flask.wsgi_app.__code__, _sites.DISPATCH)
         _sites.mark(_stream_generator_code(), _sites.STREAM)
-        classes: list[type[Any]] = [shape.app_context]
+        # Before the merge the class says the kind; after it, only the context does.
+        classes: list[tuple[type[Any], Kind | None]] = [
+            (shape.app_context, None if shape.merged else "app")
+        ]
         if shape.request_context is not None:
-            classes.append(shape.request_context)
+            classes.append((shape.request_context, "request"))
             _sites.mark(shape.request_context.push.__code__, _sites.DISPATCH)
         planned = [
-            Patch(cls, name, factory(vars(cls)[name]))
-            for cls in classes
+            Patch(cls, name, factory(vars(cls)[name], kind))
+            for cls, kind in classes
             for name, factory in (("push", self._wrap_push), ("pop", self._wrap_pop))
         ]
         call = vars(flask.Flask)["__call__"]
@@ -120,42 +124,50 @@ class Hooks:
 
     # -- wrappers -----------------------------------------------------------
 
-    def _wrap_push(self, original: Callable[..., Any]) -> Callable[..., Any]:
+    def _stats(self, ctx: Any, kind: Kind) -> Any:
+        """The ledger's counters for this context's (kind, app), cached per app object."""
+        app = ctx.app
+        cache = self._stats_cache[kind]
+        stats = cache.get(app)
+        if stats is None:
+            stats = self.ledger.stats_for(kind, self.app_name(app))
+            if len(cache) < 256:
+                cache[app] = stats
+        return stats
+
+    def _wrap_push(self, original: Callable[..., Any], fixed_kind: Kind | None) -> Callable[..., Any]:
+        """Wrap ``push``; ``fixed_kind`` is set when the class alone says the kind (Flask <= 3.1)."""
         hooks = self
-        count = self.shape.push_count
+        ledger = self.ledger
+        kind_of = self.shape.kind
+        slot_of = self.shape.slot
+        caller = _sites.caller
+        user = _sites.USER
 
         def push(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if not hooks.active:
-                return original(self, *args, **kwargs)
-            try:
-                before = count(self)
-            except Exception as exc:
-                hooks.errors.record("hooks", exc)
-                return original(self, *args, **kwargs)
             result = original(self, *args, **kwargs)
-            try:
-                hooks._pushed(self, before)
-            except Exception as exc:
-                hooks.errors.record("hooks", exc)
+            if hooks.active:
+                try:
+                    kind = fixed_kind or kind_of(self)
+                    klass, site = caller(2)
+                    if klass == user:
+                        if hooks.suppressed is not None and hooks.suppressed(site):
+                            return result
+                        ledger.push(self, hooks._stats(self, kind), slot_of(kind), site)
+                    else:
+                        hooks._pushed_by_flask(self, kind, klass)
+                except Exception as exc:
+                    hooks.errors.record("hooks", exc)
             return result
 
         _copy_names(push, original)
         return push
 
-    def _pushed(self, ctx: Any, before: int) -> None:
+    def _pushed_by_flask(self, ctx: Any, kind: Kind, klass: int) -> None:
+        """A push from Flask's own dispatch or a streaming response, or from library code only."""
         shape = self.shape
-        kind = shape.kind(ctx)
-        klass, site = _sites.caller(3)
-        if klass == _sites.USER and self.suppressed(site):
-            return
         self.ledger.push(
-            ctx,
-            kind,
-            self.app_name(ctx.app),
-            shape.slot(kind),
-            site,
-            before,
-            streaming=klass == _sites.STREAM,
+            ctx, self._stats(ctx, kind), shape.slot(kind), None, streaming=klass == _sites.STREAM
         )
         if klass == _sites.DISPATCH and kind == "request":
             endpoint = shape.endpoint(ctx)
@@ -164,9 +176,12 @@ class Hooks:
             if implicit is not None:
                 self.ledger.adopt(implicit, ctx)
 
-    def _wrap_pop(self, original: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_pop(self, original: Callable[..., Any], fixed_kind: Kind | None) -> Callable[..., Any]:
         hooks = self
+        ledger = self.ledger
         count = self.shape.push_count
+        kind_of = self.shape.kind
+        slot_of = self.shape.slot
 
         def pop(self: Any, *args: Any, **kwargs: Any) -> Any:
             if not hooks.active:
@@ -180,8 +195,7 @@ class Hooks:
                 return original(self, *args, **kwargs)
             finally:
                 try:
-                    kind = hooks.shape.kind(self)
-                    hooks.ledger.pop(self, hooks.shape.slot(kind), before, count(self))
+                    ledger.pop(self, slot_of(fixed_kind or kind_of(self)), before, count(self))
                 except Exception as exc:
                     hooks.errors.record("hooks", exc)
 
@@ -253,7 +267,7 @@ class Hooks:
                 # werkzeug answers this lookup itself (bool(current_app) is False).
                 return
         _, site = _sites.caller(3)
-        if self.suppressed(site):
+        if self.suppressed is not None and self.suppressed(site):
             return
         phase: Phase = "import" if _sites.is_import_time(3) else "runtime"
         self.ledger.access(proxy, site, phase, exc, parent_unit=None)

@@ -117,7 +117,6 @@ class _Entry:
         "ref",
         "reported",
         "site",
-        "slot",
         "stats",
         "streaming",
         "thread",
@@ -129,7 +128,6 @@ class _Entry:
         eid: int,
         ref: weakref.ref[Any],
         stats: _Stats,
-        slot: str,
         site: Site | None,
         thread: _ThreadState,
         pushed_ns: int,
@@ -139,7 +137,6 @@ class _Entry:
         self.id = eid
         self.ref = ref
         self.stats = stats
-        self.slot = slot
         self.site = site
         self.thread = thread
         self.pushed_ns = pushed_ns
@@ -245,6 +242,7 @@ class Ledger:
         self.dropped_contexts = itertools.count()
         self.depth_max = 0
         self._detect = policy.detect
+        self._cap = policy.cap
 
     # -- per-thread facts -------------------------------------------------
 
@@ -255,13 +253,16 @@ class Ledger:
             state = self._tls.state = _ThreadState(self.policy.flight)
         return state
 
-    def _stats_for(self, kind: Kind, app: str) -> _Stats:
-        stats = self._stats.get((kind, app))
-        if stats is None:
-            with self._stats_lock:
-                if len({a for _, a in self._stats}) >= _MAX_APPS and not any(
-                    a == app for _, a in self._stats
-                ):
+    def stats_for(self, kind: Kind, app: str) -> _Stats:
+        """The counters for a (kind, app) pair; callers cache the handle.
+
+        App names are bounded: past ``_MAX_APPS`` distinct names, new ones count
+        as ``other`` so a process making apps in a loop cannot grow the labels.
+        """
+        with self._stats_lock:
+            stats = self._stats.get((kind, app))
+            if stats is None:
+                if len({a for _, a in self._stats} | {app}) > _MAX_APPS:
                     app = OTHER_APP
                 stats = self._stats.get((kind, app))
                 if stats is None:
@@ -273,59 +274,50 @@ class Ledger:
     # -- pushes and pops --------------------------------------------------
 
     def push(
-        self,
-        ctx: object,
-        kind: Kind,
-        app: str,
-        slot: str,
-        site: Site | None,
-        before: int,
-        *,
-        streaming: bool = False,
+        self, ctx: object, stats: _Stats, slot: str, site: Site | None, streaming: bool = False
     ) -> None:
-        """Flask pushed ``ctx``; ``before`` is Flask's own push count before it."""
-        now = self._clock()
-        thread = self._thread()
+        """Flask pushed ``ctx`` (counted in ``stats``, on stack ``slot``) from ``site``.
+
+        The hot path: one dictionary lookup, one entry, one ContextVar set.
+        """
+        try:
+            thread: _ThreadState = self._tls.state
+        except AttributeError:
+            thread = self._thread()
         var = self._stacks[slot]
-        entry = self._live.get(id(ctx))
-        if entry is not None and entry.ref() is ctx and before > 0:
-            entry.count += 1
-            if streaming:
-                entry.streaming = True
-            if self._repush_stacks:
-                below = var.get()
-                var.set((entry, below, 1 if below is None else below[2] + 1))
-            if thread.flight is not None:
-                thread.flight.append(("push", entry))
-            return
+        key = id(ctx)
+        entry = self._live.get(key)
         if entry is not None:
-            # A stale record: the object was popped or freed while we were not
-            # looking (or its id was reused); start afresh.
+            if entry.ref() is ctx and entry.count > 0:
+                entry.count += 1
+                if streaming:
+                    entry.streaming = True
+                if self._repush_stacks:
+                    below = var.get()
+                    var.set((entry, below, 1 if below is None else below[2] + 1))
+                if thread.flight is not None:
+                    thread.flight.append(("push", entry))
+                return
+            # A stale record: its object was freed and the id reused.
             self._forget(entry)
-        if len(self._live) >= self.policy.cap:
+        if len(self._live) >= self._cap:
             next(self.dropped_contexts)
             return
-        stats = self._stats_for(kind, app)
         next(stats.pushes)
         below = var.get()
         depth = 1 if below is None else below[2] + 1
         entry = _Entry(
-            next(self._ids),
-            weakref.ref(ctx),
-            stats,
-            slot,
-            site,
-            thread,
-            now,
-            self._unit.get(),
-            depth,
+            next(self._ids), weakref.ref(ctx), stats, site, thread, self._clock(),
+            self._unit.get(), depth,
         )
-        entry.streaming = streaming
+        if streaming:
+            entry.streaming = True
         if self._capture is not None:
             entry.carry = self._capture()
-        self._live[id(ctx)] = entry
+        self._live[key] = entry
         var.set((entry, below, depth))
-        self.depth_max = max(self.depth_max, depth)
+        if depth > self.depth_max:
+            self.depth_max = depth
         if thread.flight is not None:
             thread.flight.append(("push", entry))
         if self._lifecycle:
@@ -356,8 +348,13 @@ class Ledger:
 
     def pop(self, ctx: object, slot: str, before: int, after: int) -> None:
         """Flask popped ``ctx``; ``before``/``after`` are its push counts around the pop."""
-        entry = self._lookup(ctx)
-        thread = self._thread()
+        entry = self._live.get(id(ctx))
+        if entry is not None and entry.ref() is not ctx:
+            entry = None
+        try:
+            thread: _ThreadState = self._tls.state
+        except AttributeError:
+            thread = self._thread()
         if entry is None:
             if before == 0 and "double_pop" in self._detect:
                 self._report_unknown_double_pop(ctx, thread)

@@ -112,7 +112,10 @@ def caller(depth: int) -> tuple[int, Site | None]:
         if klass is None:
             klass = _classify(code)
         if klass == USER:
-            return USER, site_of(frame)
+            # The cache hit is inlined: this runs on every push.
+            lines = _sites.get(code)
+            site = lines.get(frame.f_lineno) if lines is not None else None
+            return USER, site if site is not None else site_of(frame)
         if klass != LIBRARY:
             return klass, None
         frame = frame.f_back
