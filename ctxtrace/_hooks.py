@@ -21,13 +21,15 @@ import flask.globals
 import flask.helpers
 import werkzeug.local
 
-from . import _sites
+from . import _sites, _units
 from ._events import Kind, Phase, Site
 from ._flaskshape import FlaskShape
 from ._guard import InternalErrors
 from ._ledger import Ledger
 from ._patching import Patch
 
+# Marks a request unit whose dispatch push is under way.
+DISPATCHING: Final = object()
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_NAME: Final = 120
 
@@ -65,7 +67,6 @@ class Hooks:
     def install(self) -> None:
         """Apply every patch, or none: a failure part-way takes back what was done."""
         shape = self.shape
-        _sites.mark(flask.app.Flask.wsgi_app.__code__, _sites.DISPATCH)
         _sites.mark(_stream_generator_code(), _sites.STREAM)
         # Before the merge the class says the kind; after it, only the context does.
         classes: list[tuple[type[Any], Kind | None]] = [
@@ -73,7 +74,6 @@ class Hooks:
         ]
         if shape.request_context is not None:
             classes.append((shape.request_context, "request"))
-            _sites.mark(shape.request_context.push.__code__, _sites.DISPATCH)
         planned = [
             Patch(cls, name, factory(vars(cls)[name], kind))
             for cls, kind in classes
@@ -125,7 +125,7 @@ class Hooks:
     # -- wrappers -----------------------------------------------------------
 
     def _stats(self, ctx: Any, kind: Kind) -> Any:
-        """The ledger's counters for this context's (kind, app), cached per app object."""
+        """The ledger's counters for a context's (kind, app), cached per app (slow path)."""
         app = ctx.app
         cache = self._stats_cache[kind]
         stats = cache.get(app)
@@ -135,53 +135,85 @@ class Hooks:
                 cache[app] = stats
         return stats
 
-    def _wrap_push(self, original: Callable[..., Any], fixed_kind: Kind | None) -> Callable[..., Any]:
-        """Wrap ``push``; ``fixed_kind`` is set when the class alone says the kind (Flask <= 3.1)."""
+    def _wrap_push(
+        self, original: Callable[..., Any], fixed_kind: Kind | None
+    ) -> Callable[..., Any]:
+        """Wrap ``push``; ``fixed_kind`` is set when the class alone says the kind (Flask <= 3.1).
+
+        Flask's own pushes while dispatching are recognised from the unit of
+        work, not from the stack: looking at frames costs about a microsecond
+        inside a request (CPython must materialise them), so only pushes by
+        user code pay for finding their line. The first request context pushed
+        in a request unit is the dispatch; an app context pushed while that
+        push is under way is the one Flask <= 3.1 pushes for it.
+        """
         hooks = self
         ledger = self.ledger
+        ledger_push = ledger.push
+        current_unit = ledger.current_unit
         kind_of = self.shape.kind
-        slot_of = self.shape.slot
+        slot = self.shape.slot(fixed_kind or "app")
         caller = _sites.caller
         user = _sites.USER
+        suppressed = self.suppressed
+        caches = self._stats_cache
 
         def push(self: Any, *args: Any, **kwargs: Any) -> Any:
-            result = original(self, *args, **kwargs)
-            if hooks.active:
-                try:
-                    kind = fixed_kind or kind_of(self)
+            if not hooks.active:
+                return original(self, *args, **kwargs)
+            try:
+                kind = fixed_kind or kind_of(self)
+                unit = current_unit()
+                dispatch = (
+                    kind == "request"
+                    and unit is not None
+                    and unit.dispatch is None
+                    and unit.kind == "request"
+                )
+                if dispatch and unit is not None:
+                    unit.dispatch = DISPATCHING
+            except Exception as exc:
+                hooks.errors.record("hooks", exc)
+                return original(self, *args, **kwargs)
+            try:
+                result = original(self, *args, **kwargs)
+            except BaseException:
+                if dispatch and unit is not None:
+                    unit.dispatch = None
+                raise
+            try:
+                stats = caches[kind].get(self.app) or hooks._stats(self, kind)
+                if dispatch and unit is not None:
+                    unit.dispatch = self
+                    ledger_push(self, stats, slot, None)
+                    ledger.dispatched(
+                        self,
+                        _sites.endpoint_site(hooks.shape.endpoint(self) or "<unmatched>"),
+                        hooks.shape.implicit_app_context(self),
+                    )
+                elif unit is not None and unit.dispatch is DISPATCHING:
+                    ledger_push(self, stats, slot, None)
+                else:
                     klass, site = caller(2)
                     if klass == user:
-                        if hooks.suppressed is not None and hooks.suppressed(site):
-                            return result
-                        ledger.push(self, hooks._stats(self, kind), slot_of(kind), site)
+                        if suppressed is None or not suppressed(site):
+                            ledger_push(self, stats, slot, site)
                     else:
-                        hooks._pushed_by_flask(self, kind, klass)
-                except Exception as exc:
-                    hooks.errors.record("hooks", exc)
+                        ledger_push(self, stats, slot, None, klass == _sites.STREAM)
+            except Exception as exc:
+                hooks.errors.record("hooks", exc)
             return result
 
         _copy_names(push, original)
         return push
 
-    def _pushed_by_flask(self, ctx: Any, kind: Kind, klass: int) -> None:
-        """A push from Flask's own dispatch or a streaming response, or from library code only."""
-        shape = self.shape
-        self.ledger.push(
-            ctx, self._stats(ctx, kind), shape.slot(kind), None, streaming=klass == _sites.STREAM
-        )
-        if klass == _sites.DISPATCH and kind == "request":
-            endpoint = shape.endpoint(ctx)
-            self.ledger.set_site(ctx, _sites.endpoint_site(endpoint or "<unmatched>"))
-            implicit = shape.implicit_app_context(ctx)
-            if implicit is not None:
-                self.ledger.adopt(implicit, ctx)
-
-    def _wrap_pop(self, original: Callable[..., Any], fixed_kind: Kind | None) -> Callable[..., Any]:
+    def _wrap_pop(
+        self, original: Callable[..., Any], fixed_kind: Kind | None
+    ) -> Callable[..., Any]:
         hooks = self
-        ledger = self.ledger
+        ledger_pop = self.ledger.pop
         count = self.shape.push_count
-        kind_of = self.shape.kind
-        slot_of = self.shape.slot
+        slot = self.shape.slot(fixed_kind or "app")
 
         def pop(self: Any, *args: Any, **kwargs: Any) -> Any:
             if not hooks.active:
@@ -195,7 +227,7 @@ class Hooks:
                 return original(self, *args, **kwargs)
             finally:
                 try:
-                    ledger.pop(self, slot_of(fixed_kind or kind_of(self)), before, count(self))
+                    ledger_pop(self, slot, before, count(self))
                 except Exception as exc:
                     hooks.errors.record("hooks", exc)
 
@@ -270,7 +302,7 @@ class Hooks:
         if self.suppressed is not None and self.suppressed(site):
             return
         phase: Phase = "import" if _sites.is_import_time(3) else "runtime"
-        self.ledger.access(proxy, site, phase, exc, parent_unit=None)
+        self.ledger.access(proxy, site, phase, exc, parent_unit=_units.started_by.get())
 
 
 def _caller_frame(depth: int) -> Any:

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from ._events import (
     Anomaly,
@@ -87,7 +87,7 @@ class _ThreadState:
 class _UnitState:
     """A unit of work while it runs; ``finished`` turns its leftovers stale."""
 
-    __slots__ = ("checked", "finished", "id", "kind", "name", "parent")
+    __slots__ = ("checked", "dispatch", "finished", "id", "kind", "name", "parent")
 
     def __init__(self, uid: int, kind: str, name: str, parent: _UnitState | None) -> None:
         self.id = uid
@@ -96,75 +96,43 @@ class _UnitState:
         self.parent = parent
         self.finished = False
         self.checked = False
+        # For a request: the context Flask pushed to dispatch it, once pushed.
+        self.dispatch: object = None
 
     def info(self) -> Unit:
         return Unit(id=self.id, kind=self.kind, name=self.name)
 
 
-class _Entry:
-    """One tracked context object, however often it is pushed."""
+# One tracked context object, however often it is pushed. A list, not a class:
+# building it is the single most frequent thing ctxtrace does, and a list
+# display costs a sixth of an ``__init__`` call. The indices are named here.
+_Entry: TypeAlias = list[Any]
+ID, REF, STATS, SITE, THREAD, PUSHED, UNIT, DEPTH, COUNT, FLAGS, OWNER, CARRY = range(12)
 
-    __slots__ = (
-        "carry",
-        "count",
-        "depth",
-        "id",
-        "leaked",
-        "long_reported",
-        "orphaned",
-        "owner",
-        "pushed_ns",
-        "ref",
-        "reported",
-        "site",
-        "stats",
-        "streaming",
-        "thread",
-        "unit",
+# FLAGS bits.
+STREAMING = 1  # kept pushed by a streaming response, on purpose
+REPORTED = 2  # a stack anomaly named it: what follows from it is not reported again
+LONG_REPORTED = 4  # long_lived reported once
+ORPHANED = 8  # Flask dropped it from the stack when a context below it was popped
+
+
+def _info(entry: _Entry) -> ContextInfo:
+    stats: _Stats = entry[STATS]
+    thread: _ThreadState = entry[THREAD]
+    unit: _UnitState | None = entry[UNIT]
+    return ContextInfo(
+        id=entry[ID],
+        kind=stats.kind,
+        app=stats.app,
+        site=entry[SITE],
+        thread_id=thread.ident,
+        thread_name=thread.name,
+        pushed_ns=entry[PUSHED],
+        depth=entry[DEPTH],
+        push_count=entry[COUNT],
+        unit=unit.info() if unit is not None else None,
+        streaming=bool(entry[FLAGS] & STREAMING),
     )
-
-    def __init__(
-        self,
-        eid: int,
-        ref: weakref.ref[Any],
-        stats: _Stats,
-        site: Site | None,
-        thread: _ThreadState,
-        pushed_ns: int,
-        unit: _UnitState | None,
-        depth: int,
-    ) -> None:
-        self.id = eid
-        self.ref = ref
-        self.stats = stats
-        self.site = site
-        self.thread = thread
-        self.pushed_ns = pushed_ns
-        self.unit = unit
-        self.depth = depth
-        self.count = 1
-        self.streaming = False
-        self.reported = False
-        self.long_reported = False
-        self.leaked = False
-        self.orphaned = False
-        self.owner: _Entry | None = None
-        self.carry: object = None
-
-    def info(self) -> ContextInfo:
-        return ContextInfo(
-            id=self.id,
-            kind=self.stats.kind,
-            app=self.stats.app,
-            site=self.site,
-            thread_id=self.thread.ident,
-            thread_name=self.thread.name,
-            pushed_ns=self.pushed_ns,
-            depth=self.depth,
-            push_count=self.count,
-            unit=self.unit.info() if self.unit is not None else None,
-            streaming=self.streaming,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +246,7 @@ class Ledger:
     ) -> None:
         """Flask pushed ``ctx`` (counted in ``stats``, on stack ``slot``) from ``site``.
 
-        The hot path: one dictionary lookup, one entry, one ContextVar set.
+        The hot path: one dictionary lookup, one list, one ContextVar set.
         """
         try:
             thread: _ThreadState = self._tls.state
@@ -288,10 +256,10 @@ class Ledger:
         key = id(ctx)
         entry = self._live.get(key)
         if entry is not None:
-            if entry.ref() is ctx and entry.count > 0:
-                entry.count += 1
+            if entry[REF]() is ctx and entry[COUNT] > 0:
+                entry[COUNT] += 1
                 if streaming:
-                    entry.streaming = True
+                    entry[FLAGS] |= STREAMING
                 if self._repush_stacks:
                     below = var.get()
                     var.set((entry, below, 1 if below is None else below[2] + 1))
@@ -306,50 +274,49 @@ class Ledger:
         next(stats.pushes)
         below = var.get()
         depth = 1 if below is None else below[2] + 1
-        entry = _Entry(
+        entry = [
             next(self._ids), weakref.ref(ctx), stats, site, thread, self._clock(),
-            self._unit.get(), depth,
-        )
-        if streaming:
-            entry.streaming = True
-        if self._capture is not None:
-            entry.carry = self._capture()
+            self._unit.get(), depth, 1, STREAMING if streaming else 0, None,
+            self._capture() if self._capture is not None else None,
+        ]
         self._live[key] = entry
         var.set((entry, below, depth))
-        if depth > self.depth_max:
+        if depth > self.depth_max:  # noqa: PLR1730 - cheaper than max() on the push path
             self.depth_max = depth
         if thread.flight is not None:
             thread.flight.append(("push", entry))
         if self._lifecycle:
-            self._emit(ContextPushed(entry.info(), entry.carry))
+            self._emit(ContextPushed(_info(entry), entry[CARRY]))
 
-    def adopt(self, ctx: object, owner: object) -> None:
-        """Record that ``owner`` (a request context) pushed ``ctx`` implicitly.
+    def dispatched(self, ctx: object, site: Site, implicit: object | None) -> None:
+        """Flask pushed a request context while dispatching: name it and its unit.
 
-        A wrong pop of the owner then explains any wrong pop of ``ctx`` that
-        follows from it, which is not reported again.
+        ``site`` is the request's endpoint. ``implicit`` is the app context the
+        request context pushed for itself (Flask <= 3.1): it shares the site,
+        and a wrong pop of it that follows from a wrong pop of the request is
+        not reported again. The unit now knows its name, so what earlier units
+        left on this thread is reported now.
         """
         entry = self._lookup(ctx)
-        owner_entry = self._lookup(owner)
-        if entry is not None and owner_entry is not None:
-            entry.owner = owner_entry
-            entry.site = owner_entry.site
-
-    def set_site(self, ctx: object, site: Site) -> None:
-        """Replace the push site once it is known (a request's endpoint)."""
-        entry = self._lookup(ctx)
-        if entry is not None:
-            entry.site = site
-            unit = entry.unit
-            if unit is not None and unit.kind == "request" and not unit.finished:
-                unit.name = site.endpoint or unit.name
-                if not unit.checked:
-                    self.check_stale(unit)
+        if entry is None:
+            return
+        entry[SITE] = site
+        if implicit is not None:
+            owned = self._lookup(implicit)
+            if owned is not None:
+                owned[OWNER] = entry
+                owned[SITE] = site
+        unit: _UnitState | None = entry[UNIT]
+        if unit is not None and unit.kind == "request" and not unit.finished:
+            unit.name = site.endpoint or unit.name
+            if not unit.checked:
+                self.check_stale(unit)
 
     def pop(self, ctx: object, slot: str, before: int, after: int) -> None:
         """Flask popped ``ctx``; ``before``/``after`` are its push counts around the pop."""
-        entry = self._live.get(id(ctx))
-        if entry is not None and entry.ref() is not ctx:
+        key = id(ctx)
+        entry = self._live.get(key)
+        if entry is not None and entry[REF]() is not ctx:
             entry = None
         try:
             thread: _ThreadState = self._tls.state
@@ -361,94 +328,100 @@ class Ledger:
             return
         if thread.flight is not None:
             thread.flight.append(("pop", entry))
-        if before == 0 or entry.orphaned:
-            # The aftermath of a mistake already reported: Flask's own state and
-            # the mirror disagree, so retire the record quietly.
-            if not entry.reported:
-                self._report("double_pop", entry, thread)
-            self._finish(entry, quiet=True)
-            return
         var = self._stacks[slot]
         top = var.get()
-        if top is not None and top[0] is entry:
+        if top is not None and top[0] is entry and before > 0 and not entry[FLAGS] & ORPHANED:
             if after < before:
                 var.set(top[1])
-                entry.count -= 1
-                if entry.count <= 0:
-                    self._finish(entry)
+                entry[COUNT] -= 1
+                if entry[COUNT] <= 0:
+                    # The common end of a context's life, inlined.
+                    del self._live[key]
+                    stats: _Stats = entry[STATS]
+                    next(stats.pops)
+                    duration = (self._clock() - entry[PUSHED]) / 1e9
+                    stats.durations.append(duration)
+                    if self._lifecycle:
+                        self._emit(ContextPopped(_info(entry), duration, entry[CARRY]))
             return
-        self._pop_below_top(entry, var, top, thread, took_effect=after < before)
+        self._pop_slow(entry, var, top, thread, before, after)
 
-    def _pop_below_top(
+    def _pop_slow(
         self,
         entry: _Entry,
         var: ContextVar[_Node | None],
         top: _Node | None,
         thread: _ThreadState,
-        *,
-        took_effect: bool,
+        before: int,
+        after: int,
     ) -> None:
-        """A pop of a context that is not on top: wrong order, or not this stack at all."""
+        """A pop that is not of the context on top: which mistake, and its aftermath."""
+        flags = entry[FLAGS]
+        if before == 0 or flags & ORPHANED:
+            # The aftermath of a mistake already reported: Flask's own state and
+            # the mirror disagree, so retire the record quietly.
+            if not flags & REPORTED:
+                self._report("double_pop", entry, thread)
+            self._forget(entry)
+            return
         node = top
         while node is not None and node[0] is not entry:
             node = node[1]
         if node is None or top is None:
             # Pushed in another thread or Context: Flask cannot restore that
             # stack from here, so the context stays where it was pushed.
-            if not entry.reported:
-                entry.reported = True
+            if not flags & REPORTED:
+                entry[FLAGS] |= REPORTED
                 self._report("foreign_pop", entry, thread)
             return
         culprit = top[0]
         if not self._follows_earlier_mistake(entry, culprit):
             self._report("wrong_pop", entry, thread, other=culprit)
-        entry.reported = culprit.reported = True
-        if took_effect:
+        entry[FLAGS] |= REPORTED
+        culprit[FLAGS] |= REPORTED
+        if after < before:
             # Flask restored the stack to what it was before this context's
             # push: everything above it is no longer reachable.
             walk: _Node | None = top
             while walk is not None and walk[0] is not entry:
-                walk[0].orphaned = True
+                walk[0][FLAGS] |= ORPHANED
                 walk = walk[1]
             var.set(node[1])
-            entry.count -= 1
-            if entry.count <= 0:
+            entry[COUNT] -= 1
+            if entry[COUNT] <= 0:
                 self._finish(entry)
 
     @staticmethod
     def _follows_earlier_mistake(entry: _Entry, culprit: _Entry) -> bool:
         return any(
-            owner is not None and (owner.reported or owner.orphaned)
-            for owner in (entry.owner, culprit.owner)
+            owner is not None and owner[FLAGS] & (REPORTED | ORPHANED)
+            for owner in (entry[OWNER], culprit[OWNER])
         )
 
     def _lookup(self, ctx: object) -> _Entry | None:
         entry = self._live.get(id(ctx))
-        if entry is not None and entry.ref() is not ctx:
+        if entry is not None and entry[REF]() is not ctx:
             return None
         return entry
 
-    def _finish(self, entry: _Entry, *, quiet: bool = False) -> None:
+    def _finish(self, entry: _Entry) -> None:
         self._forget(entry)
-        if quiet:
-            return
-        stats = entry.stats
+        stats: _Stats = entry[STATS]
         next(stats.pops)
-        duration = (self._clock() - entry.pushed_ns) / 1e9
+        duration = (self._clock() - entry[PUSHED]) / 1e9
         stats.durations.append(duration)
         if self._lifecycle:
-            self._emit(ContextPopped(entry.info(), duration, entry.carry))
+            self._emit(ContextPopped(_info(entry), duration, entry[CARRY]))
 
     def _forget(self, entry: _Entry) -> None:
-        ctx = entry.ref()
-        key = id(ctx) if ctx is not None else None
-        if key is not None and self._live.get(key) is entry:
-            del self._live[key]
-        else:
-            for k, v in list(self._live.items()):
-                if v is entry:
-                    self._live.pop(k, None)
-                    break
+        ctx = entry[REF]()
+        if ctx is not None and self._live.get(id(ctx)) is entry:
+            del self._live[id(ctx)]
+            return
+        for key, value in list(self._live.items()):
+            if value is entry:
+                self._live.pop(key, None)
+                return
 
     # -- units of work ----------------------------------------------------
 
@@ -474,7 +447,8 @@ class Ledger:
         if "stale_context" not in self._detect:
             return
         for entry in self._entries_on_stacks():
-            if entry.unit is not None and entry.unit.finished:
+            owner: _UnitState | None = entry[UNIT]
+            if owner is not None and owner.finished:
                 self._report("stale_context", entry, self._thread(), unit=unit.info())
 
     def current_unit(self) -> _UnitState | None:
@@ -499,32 +473,34 @@ class Ledger:
         leftovers = [
             e
             for e in self._entries_on_stacks()
-            if e.unit is unit and not e.streaming and not e.reported
+            if e[UNIT] is unit and not e[FLAGS] & (STREAMING | REPORTED)
         ]
+        if not leftovers:
+            return []
         thread = self._thread()
         to_repair: list[object] = []
-        for entry in sorted(leftovers, key=lambda e: e.id, reverse=True):
-            entry.reported = entry.leaked = True
-            ctx = entry.ref() if repair else None
+        for entry in sorted(leftovers, key=lambda e: int(e[ID]), reverse=True):
+            entry[FLAGS] |= REPORTED
+            ctx = entry[REF]() if repair else None
             if ctx is not None:
                 to_repair.append(ctx)
-            if "leaked" in self._detect:
-                self._report(
-                    "leaked", entry, thread, reason="unit_end", unit=unit.info(),
-                    repaired=ctx is not None,
-                )
+            self._report(
+                "leaked", entry, thread, reason="unit_end", unit=unit.info(),
+                repaired=ctx is not None,
+            )
         return to_repair
 
-    def _entries_on_stacks(self) -> Iterator[_Entry]:
-        seen: set[int] = set()
+    def _entries_on_stacks(self) -> list[_Entry]:
+        """The distinct entries on this thread's stacks (usually none or two)."""
+        found: list[_Entry] = []
         for var in self._stacks.values():
             node = var.get()
             while node is not None:
                 entry = node[0]
-                if entry.id not in seen:
-                    seen.add(entry.id)
-                    yield entry
+                if not any(entry is f for f in found):
+                    found.append(entry)
                 node = node[1]
+        return found
 
     # -- periodic and final checks ----------------------------------------
 
@@ -536,32 +512,30 @@ class Ledger:
         now = self._clock()
         policy = self.policy
         for entry in list(self._live.values()):
-            if entry.ref() is None or not entry.thread.alive():
-                reason = "collected" if entry.ref() is None else "thread_end"
+            collected = entry[REF]() is None
+            if collected or not entry[THREAD].alive():
                 self._forget(entry)
-                if not entry.reported and "leaked" in self._detect:
-                    entry.reported = entry.leaked = True
-                    self._report("leaked", entry, None, reason=reason)
+                if not entry[FLAGS] & REPORTED:
+                    entry[FLAGS] |= REPORTED
+                    self._report(
+                        "leaked", entry, None, reason="collected" if collected else "thread_end"
+                    )
                 continue
-            if entry.long_reported or "long_lived" not in self._detect:
+            flags = entry[FLAGS]
+            if flags & LONG_REPORTED or (flags & STREAMING and not policy.long_lived_streaming):
                 continue
-            if entry.streaming and not policy.long_lived_streaming:
-                continue
-            limit = (
-                policy.long_lived_request_s
-                if entry.stats.kind == "request"
-                else policy.long_lived_app_s
-            )
-            if limit is not None and now - entry.pushed_ns > limit * 1e9:
-                entry.long_reported = True
+            kind = entry[STATS].kind
+            limit = policy.long_lived_request_s if kind == "request" else policy.long_lived_app_s
+            if limit is not None and now - entry[PUSHED] > limit * 1e9:
+                entry[FLAGS] |= LONG_REPORTED
                 self._report("long_lived", entry, None)
 
     def finish_all(self) -> None:
         """At process exit, whatever is still pushed has leaked."""
         for entry in list(self._live.values()):
             self._forget(entry)
-            if not entry.reported and "leaked" in self._detect:
-                entry.reported = entry.leaked = True
+            if not entry[FLAGS] & REPORTED:
+                entry[FLAGS] |= REPORTED
                 self._report("leaked", entry, None, reason="exit")
 
     def forget_all(self) -> None:
@@ -615,19 +589,19 @@ class Ledger:
     ) -> None:
         if name not in self._detect:
             return
-        where = thread or entry.thread
+        where: _ThreadState = thread or entry[THREAD]
         self._emit(
             Anomaly(
                 name=name,
-                context=entry.info(),
+                context=_info(entry),
                 flight=self._flight(where),
                 at_ns=self._clock(),
                 thread_name=where.name,
-                other=other.info() if other is not None else None,
+                other=_info(other) if other is not None else None,
                 unit=unit,
                 reason=reason,
                 repaired=repaired,
-                carry=entry.carry,
+                carry=entry[CARRY],
             )
         )
 
@@ -651,10 +625,10 @@ class Ledger:
         return tuple(
             FlightRecord(
                 op="push" if op == "push" else "pop",
-                kind=entry.stats.kind,
-                context_id=entry.id,
-                site=entry.site,
-                thread_name=entry.thread.name,
+                kind=entry[STATS].kind,
+                context_id=entry[ID],
+                site=entry[SITE],
+                thread_name=entry[THREAD].name,
             )
             for op, entry in list(thread.flight)
         )
@@ -665,7 +639,7 @@ class Ledger:
         """Exact counts per (kind, app), for observable instruments."""
         active: dict[tuple[str, str], int] = {}
         for entry in list(self._live.values()):
-            key = (entry.stats.kind, entry.stats.app)
+            key = (entry[STATS].kind, entry[STATS].app)
             active[key] = active.get(key, 0) + 1
         return [
             StatsSnapshot(
@@ -697,7 +671,7 @@ class Ledger:
     def context_id(self, ctx: object) -> int | None:
         """ctxtrace's id for a tracked context, for log correlation."""
         entry = self._lookup(ctx)
-        return entry.id if entry is not None else None
+        return int(entry[ID]) if entry is not None else None
 
     def live_count(self) -> int:
         return len(self._live)

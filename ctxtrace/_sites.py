@@ -24,8 +24,7 @@ from ._events import Site
 
 USER: Final = 0
 LIBRARY: Final = 1
-DISPATCH: Final = 2
-STREAM: Final = 3
+STREAM: Final = 2
 
 
 def _package_dir(module_file: str | None) -> str:
@@ -48,7 +47,7 @@ _lock = threading.Lock()
 
 
 def mark(code: CodeType, klass: int) -> None:
-    """Pin the class of a code object (Flask's dispatch and stream helpers)."""
+    """Pin the class of a code object (Flask's stream helper)."""
     _classes[code] = klass
 
 
@@ -100,9 +99,8 @@ def caller(depth: int) -> tuple[int, Site | None]:
 
     ``depth`` counts from this function's own frame (0), as ``sys._getframe`` does.
 
-    Returns ``(USER, site)`` for user code, ``(DISPATCH, None)`` or
-    ``(STREAM, None)`` when Flask itself is pushing, and ``(LIBRARY, None)``
-    when every frame is library code.
+    Returns ``(USER, site)`` for user code, ``(STREAM, None)`` when a streaming
+    response is pushing, and ``(LIBRARY, None)`` when every frame is library code.
     """
     frame: FrameType | None = sys._getframe(depth)
     classes = _classes
