@@ -210,6 +210,7 @@ class Ledger:
         self.dropped_contexts = itertools.count()
         self.depth_max = 0
         self._detect = policy.detect
+        self._check_stale = "stale_context" in policy.detect
         self._cap = policy.cap
 
     # -- per-thread facts -------------------------------------------------
@@ -444,12 +445,22 @@ class Ledger:
     def check_stale(self, unit: _UnitState) -> None:
         """Report each context a finished unit left on this thread's stacks."""
         unit.checked = True
-        if "stale_context" not in self._detect:
+        if not self._check_stale:
             return
-        for entry in self._entries_on_stacks():
-            owner: _UnitState | None = entry[UNIT]
-            if owner is not None and owner.finished:
-                self._report("stale_context", entry, self._thread(), unit=unit.info())
+        for var in self._stacks.values():
+            node = var.get()
+            while node is not None:
+                owner: _UnitState | None = node[0][UNIT]
+                if owner is not None and owner.finished:
+                    # Rare: only now pay for de-duplicating what is reported.
+                    for entry in self._entries_on_stacks():
+                        stale_owner: _UnitState | None = entry[UNIT]
+                        if stale_owner is not None and stale_owner.finished:
+                            self._report(
+                                "stale_context", entry, self._thread(), unit=unit.info()
+                            )
+                    return
+                node = node[1]
 
     def current_unit(self) -> _UnitState | None:
         return self._unit.get()
@@ -470,11 +481,18 @@ class Ledger:
                 self._unit.reset(token)
         except ValueError:
             self._unit.set(unit.parent)
-        leftovers = [
-            e
-            for e in self._entries_on_stacks()
-            if e[UNIT] is unit and not e[FLAGS] & (STREAMING | REPORTED)
-        ]
+        leftovers: list[_Entry] = []
+        for var in self._stacks.values():
+            node = var.get()
+            while node is not None:
+                entry = node[0]
+                if (
+                    entry[UNIT] is unit
+                    and not entry[FLAGS] & (STREAMING | REPORTED)
+                    and all(entry is not e for e in leftovers)
+                ):
+                    leftovers.append(entry)
+                node = node[1]
         if not leftovers:
             return []
         thread = self._thread()

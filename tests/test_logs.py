@@ -1,0 +1,153 @@
+"""Anomaly log lines: names, levels, fields, rate limiting, and the host's structlog."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from flask import Flask, current_app, g, session
+
+import ctxtrace
+from ctxtrace._logs import RateLimiter
+
+from ._support import clear_flask_stacks
+
+
+@pytest.fixture
+def host_structlog() -> Iterator[list[dict[str, Any]]]:
+    """The host app configured structlog: ctxtrace must use its processors."""
+    captured: list[dict[str, Any]] = []
+
+    def keep(logger: Any, method: str, event_dict: Any) -> Any:
+        captured.append(dict(event_dict, level=method))
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[keep])
+    yield captured
+    structlog.reset_defaults()
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_anomaly_line_names_level_and_fields(
+    app: Flask, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong pop is one ERROR line ``ctxtrace.wrong_pop`` with the contract fields."""
+    assert ctxtrace.instrument(metrics="none")
+    outer, inner = app.app_context(), app.app_context()
+    outer.push()
+    inner.push()
+    with pytest.raises((AssertionError, RuntimeError)):
+        outer.pop()
+    ctxtrace.uninstrument()
+    clear_flask_stacks()
+    [line] = [x for x in _json_lines(capsys.readouterr().err) if x["event"].startswith("ctxtrace.")]
+    assert line["event"] == "ctxtrace.wrong_pop"
+    assert line["level"] == "error"
+    for key in (
+        "anomaly",
+        "context_id",
+        "kind",
+        "app",
+        "site",
+        "function",
+        "thread",
+        "depth",
+        "push_count",
+        "age_s",
+        "flight",
+        "pid",
+        "worker",
+        "top_context_id",
+        "top_site",
+    ):
+        assert key in line, key
+    assert line["site"].endswith(f"test_logs.py:{line['site'].rsplit(':', 1)[1]}")
+
+
+def test_out_of_context_access_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """An access outside any context is a WARNING with proxy, phase and site."""
+    assert ctxtrace.instrument(metrics="none")
+    with pytest.raises(RuntimeError):
+        current_app.config  # noqa: B018
+    ctxtrace.uninstrument()
+    [line] = [x for x in _json_lines(capsys.readouterr().err) if x["event"].startswith("ctxtrace.")]
+    assert (line["event"], line["level"]) == ("ctxtrace.out_of_context_access", "warning")
+    assert (line["proxy"], line["phase"]) == ("current_app", "runtime")
+    assert "test_logs.py" in line["site"]
+
+
+def test_rate_limit_first_then_summary() -> None:
+    """The first line of a site passes, repeats are dropped and counted in the next line."""
+    now = [0.0]
+    limiter = RateLimiter(10.0, clock=lambda: now[0])
+    key = ("leaked", "a.py:1")
+    assert limiter.admit(key) == 0
+    assert limiter.admit(key) is None
+    assert limiter.admit(key) is None
+    now[0] = 11.0
+    assert limiter.admit(key) == 2
+    assert limiter.admit(("leaked", "b.py:2")) == 0
+
+
+def test_flood_is_bounded(app: Flask, capsys: pytest.CaptureFixture[str]) -> None:
+    """A leak on every call from one site logs once per window, not once per call."""
+    assert ctxtrace.instrument(metrics="none")
+    for _ in range(50):
+        with pytest.raises(RuntimeError):
+            current_app.name  # noqa: B018
+    ctxtrace.uninstrument()
+    lines = [x for x in _json_lines(capsys.readouterr().err) if x["event"].startswith("ctxtrace.")]
+    assert len(lines) == 1
+
+
+def test_host_structlog_processors_are_used(host_structlog: list[dict[str, Any]]) -> None:
+    """When the app configured structlog, ctxtrace logs through it and never reconfigures it."""
+    config_before = structlog.get_config()
+    assert ctxtrace.instrument(metrics="none")
+    with pytest.raises(RuntimeError):
+        current_app.name  # noqa: B018
+    ctxtrace.uninstrument()
+    assert any(e["event"] == "ctxtrace.out_of_context_access" for e in host_structlog)
+    assert structlog.get_config()["processors"] == config_before["processors"]
+
+
+def test_no_request_data_in_logs(capsys: pytest.CaptureFixture[str]) -> None:
+    """Markers in headers, cookies, query, session and g never reach a log line."""
+    app = Flask("secrets")
+    app.secret_key = "k"
+    marker = "SECRET-MARKER-7f3a"
+
+    @app.route("/leak")
+    def leak() -> str:
+        g.token = marker
+        session["user"] = marker
+        app.app_context().push()
+        return "ok"
+
+    assert ctxtrace.instrument(metrics="none")
+    client = app.test_client()
+    client.set_cookie("sid", marker)
+    with contextlib.suppress(AssertionError, RuntimeError):
+        client.get(f"/leak?q={marker}", headers={"X-Api-Key": marker})
+
+    def background() -> None:
+        with contextlib.suppress(RuntimeError):
+            session.get("user")
+
+    worker = threading.Thread(target=background)
+    worker.start()
+    worker.join()
+    ctxtrace.uninstrument()
+    clear_flask_stacks()
+    err = capsys.readouterr().err
+    assert "ctxtrace.wrong_pop" in err
+    assert "ctxtrace.out_of_context_access" in err
+    assert marker not in err
