@@ -333,7 +333,10 @@ class Ledger:
         top = var.get()
         if top is not None and top[0] is entry and before > 0 and not entry[FLAGS] & ORPHANED:
             if after < before:
-                var.set(top[1])
+                # Before the merge each push has a node of its own; after it, a
+                # context stays on the stack until its last pop.
+                if self._repush_stacks or entry[COUNT] <= 1:
+                    var.set(top[1])
                 entry[COUNT] -= 1
                 if entry[COUNT] <= 0:
                     # The common end of a context's life, inlined.
