@@ -10,7 +10,7 @@ from flask import Flask
 from flask import globals as flask_globals
 
 import ctxtrace
-from ctxtrace import _agent
+from ctxtrace import _agent, pytest_plugin
 
 from ._support import Recorder, clear_flask_stacks
 
@@ -30,23 +30,42 @@ def no_context_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
         pytest.fail(f"test left Flask contexts pushed: {leftover}")
 
 
+def _stop_agent(*, even_the_plugins: bool) -> None:
+    if ctxtrace.is_instrumented() and (
+        even_the_plugins or not pytest_plugin.is_plugin_agent(_agent.current())
+    ):
+        ctxtrace.uninstrument()
+
+
 @pytest.fixture(autouse=True)
 def never_left_instrumented() -> Iterator[None]:
-    """Each test starts and ends with ctxtrace off."""
-    if ctxtrace.is_instrumented():
-        ctxtrace.uninstrument()
+    """Each test starts and ends with ctxtrace off, or on only as the pytest plugin's guard."""
+    _stop_agent(even_the_plugins=False)
     yield
-    if ctxtrace.is_instrumented():
-        ctxtrace.uninstrument()
+    _stop_agent(even_the_plugins=False)
 
 
 @pytest.fixture
-def instrumented() -> Iterator[Any]:
+def no_agent() -> Iterator[None]:
+    """ctxtrace off, the plugin's guard too, for a test that turns ctxtrace on itself.
+
+    The plugin does not judge a test that takes ctxtrace over, and starts its
+    agent again for the next one.
+    """
+    _stop_agent(even_the_plugins=True)
+    yield
+    _stop_agent(even_the_plugins=True)
+
+
+@pytest.fixture
+def instrumented(no_agent: None) -> Iterator[Any]:
     """A factory: ``recorder = instrumented(**options)`` turns ctxtrace on and records events."""
     agents: list[_agent.Agent] = []
 
     def start(**options: Any) -> Recorder:
         options.setdefault("log_rate_window", "off")
+        # No Prometheus endpoint per test unless a test asks for one.
+        options.setdefault("metrics", "none")
         assert ctxtrace.instrument(**options)
         agent = _agent.current()
         assert agent is not None
