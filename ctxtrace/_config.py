@@ -305,3 +305,26 @@ class Config:
 
 def _known() -> str:
     return "one of " + ", ".join(o.key for o in OPTIONS)
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        if len(value) == 2 and all(isinstance(v, int) for v in value):
+            return f"{value[0]}-{value[1]}"
+        return ",".join(str(v) for v in value) or "(none)"
+    if value == "":
+        return "(empty)"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def markdown_table() -> str:
+    """The README's configuration table, rendered from ``OPTIONS``."""
+    rows = ["| key | default | allowed | what it does |", "|---|---|---|---|"]
+    rows += [f"| `{o.key}` | `{_shown(o.default)}` | {o.allowed} | {o.doc} |" for o in OPTIONS]
+    return "\n".join(rows)
