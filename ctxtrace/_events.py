@@ -8,7 +8,7 @@ can put every field into telemetry without filtering.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Kind = Literal["app", "request"]
@@ -87,12 +87,19 @@ class FlightRecord:
     thread_name: str
 
 
+# ``carry`` is whatever the telemetry layer captured at push (the OpenTelemetry
+# context, and for spans the request's environ). It is for building spans only:
+# kept out of repr and equality so it can never leak into a log line or a test diff.
+def _carry() -> object:
+    return field(default=None, repr=False, compare=False)
+
+
 @dataclass(frozen=True, slots=True)
 class ContextPushed:
     """A context was pushed (only made when a subscriber wants lifecycle events)."""
 
     context: ContextInfo
-    carry: object = None
+    carry: object = _carry()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +108,7 @@ class ContextPopped:
 
     context: ContextInfo
     duration_s: float
-    carry: object = None
+    carry: object = _carry()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +130,7 @@ class Anomaly:
     unit: Unit | None = None
     reason: str = ""
     repaired: bool = False
-    carry: object = None
+    carry: object = _carry()
 
 
 @dataclass(frozen=True, slots=True)
