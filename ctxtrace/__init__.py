@@ -24,12 +24,14 @@ from ._events import (
     Unit,
 )
 from ._extension import CtxTrace
+from ._handover import ContextExecutor, run_in_app_context
 
 __all__ = [
     "ANOMALIES",
     "Anomaly",
     "Config",
     "ConfigError",
+    "ContextExecutor",
     "ContextInfo",
     "ContextPopped",
     "ContextPushed",
@@ -41,6 +43,7 @@ __all__ = [
     "Unit",
     "instrument",
     "is_instrumented",
+    "run_in_app_context",
     "uninstrument",
 ]
 

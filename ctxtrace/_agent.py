@@ -11,11 +11,12 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import _flaskshape, _worker
+from . import _flaskshape, _integrations, _signals, _telemetry, _trace_ids, _worker
 from ._config import Config, ConfigError
 from ._events import Event, Site
 from ._guard import InternalErrors
@@ -41,6 +42,8 @@ class Lifecycle(Protocol):
     def stop(self, timeout_s: float) -> None: ...
 
     def after_fork(self) -> None: ...
+
+    def flush(self, timeout_s: float) -> None: ...
 
 
 EmitterFactory = Callable[["Agent"], list[Emitter]]
@@ -95,8 +98,13 @@ class Agent:
         self.errors = InternalErrors(self._log_internal_error)
         self.worker = _worker.worker_id()
         self.emitters: list[Emitter] = [
-            LogEmitter(lambda: self.worker, config.log_rate_window, config.log_lifecycle)
+            LogEmitter(
+                lambda: self.worker, config.log_rate_window, config.log_lifecycle,
+                enrich=_trace_ids.enrich,
+            )
         ]
+        # Spans need push/pop events (``all``) and the trace current at each push.
+        needs = _telemetry.ledger_needs(config)
         self.ledger = Ledger(
             self._dispatch,
             LedgerPolicy(
@@ -109,7 +117,8 @@ class Agent:
             ),
             slots=self.shape.slots,
             repush_stacks=not self.shape.merged,
-            lifecycle=config.log_lifecycle,
+            lifecycle=config.log_lifecycle or needs.lifecycle,
+            capture=needs.capture,
             describe=lambda ctx: self.hooks.describe(ctx),  # noqa: PLW0108 - hooks are built below
         )
         self.hooks = Hooks(
@@ -120,10 +129,14 @@ class Agent:
             suppressed=_Suppressions(config.suppress) if config.suppress else None,
             detect_access=config.detect_out_of_context_access,
         )
+        # Metrics and spans (ctxtrace/_telemetry.py), then any registered extras.
+        self.telemetry: list[Any] = _telemetry.emitters(self)
+        self.emitters.extend(self.telemetry)
         for factory in _extra_emitters:
             self.emitters.extend(factory(self))
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self.integrations: list[Callable[[], None]] = []
 
     def subscribe(self, emitter: Emitter) -> None:
         """Add an emitter to a running agent (tests, the pytest plugin)."""
@@ -183,17 +196,44 @@ class Agent:
                 emitter.stop(1.0)
             raise
         self._start_watchdog()
+        # An unhandled SIGTERM would end the process without atexit: flush first.
+        _signals.install(lambda budget_s: self.at_exit())
+        # Tasks, jobs, commands and threads as units; each one fails alone.
+        self.integrations = _integrations.install_all(self)
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        _signals.uninstall()
+        _integrations.uninstall_all(self, self.integrations)
+        self.integrations = []
         self.hooks.uninstall()
         self._stop.set()
         if self._watchdog is not None and self._watchdog is not threading.current_thread():
             self._watchdog.join(timeout_s)
-        for emitter in self.emitters:
+        for emitter in self._with_telemetry():
             stop = getattr(emitter, "stop", None)
             if stop is not None:
                 try:
                     stop(timeout_s)
+                except Exception as exc:
+                    self.errors.record(emitter.name, exc)
+
+    def _with_telemetry(self) -> list[Any]:
+        """The emitters, plus the telemetry ones if a caller replaced the list: they own
+        threads, ports and files that must follow the agent's life."""
+        return [*self.emitters, *(e for e in self.telemetry if e not in self.emitters)]
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Hand over what the emitters buffer, within ``timeout_s`` in all.
+
+        For processes that end without atexit handlers (an RQ work-horse, a
+        Celery pool process): integrations call it when such a unit ends.
+        """
+        deadline = time.monotonic() + timeout_s
+        for emitter in self.emitters:
+            flush = getattr(emitter, "flush", None)
+            if flush is not None:
+                try:
+                    flush(max(0.0, deadline - time.monotonic()))
                 except Exception as exc:
                     self.errors.record(emitter.name, exc)
 
@@ -226,7 +266,7 @@ class Agent:
         """In a forked child: new identity, no inherited contexts, fresh threads."""
         self.worker = _worker.worker_id()
         self.ledger.forget_all()
-        for emitter in self.emitters:
+        for emitter in self._with_telemetry():
             hook = getattr(emitter, "after_fork", None)
             if hook is not None:
                 try:

@@ -31,7 +31,9 @@ _MAX_KEYS: Final = 10_000
 def private_logger(level: int = logging.INFO) -> Any:
     """JSON lines on stderr, for hosts that did not configure structlog."""
     return structlog.wrap_logger(
-        structlog.PrintLogger(sys.stderr),
+        # One write per line (PrintLogger writes the newline separately): workers that
+        # share a stderr file or pipe would otherwise splice their lines together.
+        structlog.WriteLogger(sys.stderr),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

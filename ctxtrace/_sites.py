@@ -38,6 +38,9 @@ _LIBRARY_DIRS: Final = tuple(
     _package_dir(m.__file__) for m in (flask, werkzeug, click, sys.modules[__package__])
 )
 _LIBRARY_FILES: Final = (os.path.abspath(contextlib.__file__),)
+# The example shop ships inside the package but is application code: its frames
+# are the culprits that `ctxtrace demo` points at.
+_USER_DIRS: Final = (os.path.join(_LIBRARY_DIRS[-1], "example") + os.sep,)
 
 _classes: dict[CodeType, int] = {}
 _sites: dict[CodeType, dict[int, Site]] = {}
@@ -57,7 +60,9 @@ def _classify(code: CodeType) -> int:
         klass = LIBRARY
     else:
         absolute = os.path.abspath(path) if not path.startswith("<") else path
-        library = absolute.startswith(_LIBRARY_DIRS) or absolute in _LIBRARY_FILES
+        library = (
+            absolute.startswith(_LIBRARY_DIRS) and not absolute.startswith(_USER_DIRS)
+        ) or absolute in _LIBRARY_FILES
         klass = LIBRARY if library else USER
     if len(_classes) < _MAX_CACHED:
         _classes[code] = klass

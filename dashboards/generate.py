@@ -236,22 +236,24 @@ def out_of_context() -> timeseries.Panel:
 
 def agent_health() -> timeseries.Panel:
     """The agent's own failures: errors it swallowed and records its bounds dropped."""
+    errors = f"sum by (component, worker) ({rate('ctxtrace_internal_errors_total', BY_WORKER)})"
+    # The agent exports an error counter per component only once that component has
+    # failed, so a healthy worker has none: fill in a zero line per worker (from the
+    # drop counters, which every agent exports from its start) so that "no errors" shows
+    # as 0 rather than as "No data", which would look the same as a worker not scraped.
+    zero = f"0 * group by (worker) (ctxtrace_dropped_total{{{BY_WORKER}}})"
     return series_panel(
         "Agent internal errors and drops",
         "Errors ctxtrace caught in its own code (the application was not affected) and "
         "records it turned away because a bound was full. Either one means the other "
-        "panels undercount.",
+        "panels undercount. A worker without errors shows one error line at 0.",
         "ops",
         [
-            query(
-                "A",
-                f"sum by (component, worker) ({rate('ctxtrace_internal_errors_total', BY_WORKER)})",
-                "error {{component}} {{worker}}",
-            ),
+            query("A", f"{errors} or on (worker) {zero}", "error {{worker}} {{component}}"),
             query(
                 "B",
                 f"sum by (what, worker) ({rate('ctxtrace_dropped_total', BY_WORKER)})",
-                "dropped {{what}} {{worker}}",
+                "dropped {{worker}} {{what}}",
             ),
         ],
     ).span(24)

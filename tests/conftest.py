@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -43,6 +43,27 @@ def never_left_instrumented() -> Iterator[None]:
     _stop_agent(even_the_plugins=False)
     yield
     _stop_agent(even_the_plugins=False)
+
+
+@pytest.fixture(autouse=True)
+def guard_gives_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that turns ctxtrace on (with its own options) replaces the plugin's guard.
+
+    With ``--ctxtrace`` the pytest plugin keeps an agent running; ctxtrace's own
+    tests start theirs with ``instrument()`` or ``CtxTrace(app)``, which would
+    otherwise find it and do nothing. The plugin does not judge such a test and
+    starts its guard again for the next one.
+    """
+    start = _agent.start
+
+    def start_over_the_guard(
+        arguments: Mapping[str, object], app_config: Mapping[str, object] | None = None
+    ) -> _agent.Agent | None:
+        if pytest_plugin.is_plugin_agent(_agent.current()):
+            _agent.stop()
+        return start(arguments, app_config)
+
+    monkeypatch.setattr(_agent, "start", start_over_the_guard)
 
 
 @pytest.fixture

@@ -166,6 +166,7 @@ def test_example_does_not_import_the_agent() -> None:
 # -- seeded faults ---------------------------------------------------------------------------
 
 
+@pytest.mark.ctxtrace_allow("out_of_context_access")  # the seeded fault, on purpose
 def test_thread_config_fault_sees_no_app_context(client: FlaskClient) -> None:
     """The background thread's config read fails with Flask's RuntimeError; the view is fine."""
     body = _json(client, "/fault/thread-config")
@@ -181,6 +182,7 @@ def test_thread_config_fix_passes_the_app(client: FlaskClient) -> None:
     assert body["result"] == [2, 4]
 
 
+@pytest.mark.ctxtrace_allow("leaked")  # the seeded fault, on purpose
 def test_push_no_pop_leaks_one_session_per_call(client: FlaskClient) -> None:
     """The export fails before its pop; its context's session is never returned."""
     first = _json(client, "/fault/push-no-pop")
@@ -197,6 +199,7 @@ def test_push_no_pop_does_not_leak_when_the_export_succeeds() -> None:
     assert (body["error"], body["result"], body["open_inventory_sessions"]) == (None, 4, 0)
 
 
+@pytest.mark.ctxtrace_allow("out_of_context_access")  # the seeded fault, on purpose
 def test_import_time_fault_repeats(client: FlaskClient) -> None:
     """Each hit re-imports the module in a context-less thread and fails again."""
     for _ in range(2):
@@ -206,6 +209,7 @@ def test_import_time_fault_repeats(client: FlaskClient) -> None:
     assert "ctxtrace.example.lazy_settings" not in sys.modules
 
 
+@pytest.mark.ctxtrace_allow("out_of_context_access")  # the seeded fault, on purpose
 def test_import_time_module_imports_inside_a_context(app: Flask, client: FlaskClient) -> None:
     """The same import works inside an app context, and is not cached for the next hit."""
     with app.app_context():
@@ -214,6 +218,7 @@ def test_import_time_module_imports_inside_a_context(app: Flask, client: FlaskCl
     assert _json(client, "/fault/import-time")["error"]["type"] == "RuntimeError"
 
 
+@pytest.mark.ctxtrace_allow("out_of_context_access")  # the seeded fault, on purpose
 def test_extension_before_init_fails_outside_a_context(client: FlaskClient) -> None:
     """The writer thread's use of the un-initialised extension raises Flask's RuntimeError."""
     body = _json(client, "/fault/extension-before-init")
@@ -247,6 +252,7 @@ def test_wrong_order_pop_is_caught_and_unwound(client: FlaskClient) -> None:
     assert _json(client, "/")["open_inventory_sessions"] == 0
 
 
+@pytest.mark.ctxtrace_allow("leaked")  # the seeded fault, on purpose
 def test_stale_g_on_the_same_thread(client: FlaskClient) -> None:
     """The middleware leaks its context; up to 3.1 the next request on the thread reuses it."""
     assert _json(client, "/whoami")["leaked_marker"] is None
@@ -260,6 +266,7 @@ def test_stale_g_on_the_same_thread(client: FlaskClient) -> None:
     assert pop_leftover_contexts() == 1
 
 
+@pytest.mark.ctxtrace_allow("leaked")  # the seeded fault, on purpose
 def test_stale_g_reaches_the_next_request_on_a_real_server(app: Flask) -> None:
     """Over HTTP, on a single-threaded werkzeug server, the marker crosses requests up to 3.1."""
     server = make_server("127.0.0.1", 0, app, threaded=False)
@@ -309,6 +316,7 @@ def test_seed_data_runs_in_an_app_context(app: Flask) -> None:
         assert len(inventory.store().all()) == 6
 
 
+@pytest.mark.ctxtrace_allow("out_of_context_access")  # the seeded fault, on purpose
 def test_report_config_fails_without_an_app_context(app: Flask) -> None:
     """report-config is not wrapped: Flask's RuntimeError reaches click, exit status 1."""
     result = app.test_cli_runner().invoke(args=["report-config"])
@@ -317,6 +325,7 @@ def test_report_config_fails_without_an_app_context(app: Flask) -> None:
     assert NO_APP_CONTEXT in str(result.exception)
 
 
+@pytest.mark.ctxtrace_allow("out_of_context_access")  # the seeded fault, on purpose
 def test_report_config_fails_under_the_standalone_group() -> None:
     """The admin group, used outside the flask command, shows the same fault."""
     obj = ScriptInfo(create_app=create_app)

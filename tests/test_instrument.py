@@ -17,6 +17,9 @@ from ctxtrace import CtxTrace, _agent
 
 from ._support import Recorder
 
+# These tests turn ctxtrace on and off themselves (the pytest plugin's guard stands aside).
+pytestmark = pytest.mark.usefixtures("no_agent")
+
 
 def _originals() -> dict[str, Any]:
     found: dict[str, Any] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from flask import Flask
 
 from ctxtrace.processors import add_flask_context
@@ -32,6 +33,7 @@ def test_request_context_adds_kind_endpoint_and_id(app: Flask, instrumented: Any
     assert "secret" not in repr(seen)
 
 
+@pytest.mark.usefixtures("no_agent")  # not even the pytest plugin's
 def test_app_context_without_agent(app: Flask) -> None:
     """Without ctxtrace on, the kind is still added (no id)."""
     with app.app_context():

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +43,12 @@ def paths() -> dict[str, Path]:
         "dashboard_json": DASHBOARDS / "flask-contexts.json",
         "runbook": REPO / "docs" / "runbook.md",
     }
+
+
+@pytest.fixture(scope="session")
+def missing() -> Callable[[str], None]:
+    """Skip with the reason on a developer machine, fail with it when CI is set."""
+    return _missing
 
 
 @pytest.fixture(scope="session")
@@ -106,22 +113,60 @@ def alert_rules(paths: dict[str, Path]) -> list[dict[str, Any]]:
     return [rule for group in data["groups"] for rule in group["rules"] if "alert" in rule]
 
 
-def write_rules_with_for(source: Path, target: Path, duration: str) -> Path:
+def write_rules_with_for(
+    source: Path, target: Path, duration: str, *, keep_zero: bool = False
+) -> Path:
     """Copy an alert rules file with every `for` set to `duration`.
 
     Tests against a real Prometheus cannot wait 15 minutes; the rules keep literal `for`
-    values so that this rewrite is a plain YAML edit.
+    values so that this rewrite is a plain YAML edit. `keep_zero`: rules whose `for` is
+    0 keep it, so only waits are shortened and none is added.
     """
     data = yaml.safe_load(source.read_text(encoding="utf-8"))
     for group in data["groups"]:
         for rule in group["rules"]:
-            if "alert" in rule:
+            if "alert" in rule and not (keep_zero and _is_zero(str(rule.get("for", "0")))):
                 rule["for"] = duration
     target.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return target
 
 
+def _is_zero(duration: str) -> bool:
+    """True for a Prometheus duration of nothing: 0, 0s, 0m, 0h0m..."""
+    return not any(char in "123456789" for char in duration)
+
+
 @pytest.fixture(scope="session")
-def rules_with_for() -> Callable[[Path, Path, str], Path]:
+def rules_with_for() -> Callable[..., Path]:
     """The rewrite above, as a fixture (see the module docstring for why)."""
     return write_rules_with_for
+
+
+@pytest.fixture(scope="session")
+def livestack() -> ModuleType:
+    """tests/livestack.py: real Prometheus and Alertmanager servers, loaded by path.
+
+    Registered in sys.modules under a name of its own before it runs: its dataclasses
+    look their module up there.
+    """
+    name = "ctxtrace_dashboards_livestack"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(
+            name, DASHBOARDS / "tests" / "livestack.py"
+        )
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def server_binaries(require_tool: Callable[[str, str], str], livestack: ModuleType) -> Any:
+    """Prometheus and Alertmanager (a livestack.Binaries), or skip/fail naming the package."""
+    return livestack.Binaries(
+        require_tool("prometheus", PROMETHEUS_APT),
+        require_tool("prometheus-alertmanager", PROMETHEUS_APT),
+    )

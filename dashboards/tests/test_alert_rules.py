@@ -94,3 +94,22 @@ def test_for_values_can_be_rewritten(
     assert set(fors) == {"1s"}
     result = run(promtool, "check", "rules", str(copy))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_for_rewrite_can_keep_zero_waits(
+    promtool: str,
+    paths: dict[str, Path],
+    tmp_path: Path,
+    alert_rules: list[dict[str, Any]],
+    rules_with_for: Callable[..., Path],
+) -> None:
+    """With keep_zero, `0m` rules keep firing at once and only real waits are shortened."""
+    copy = rules_with_for(paths["alerts"], tmp_path / "alerts.yml", "3s", keep_zero=True)
+    rewritten = yaml.safe_load(copy.read_text(encoding="utf-8"))
+    fors = {r["alert"]: r["for"] for g in rewritten["groups"] for r in g["rules"]}
+    for rule in alert_rules:
+        wanted = rule["for"] if str(rule["for"]).strip("0smh") == "" else "3s"
+        assert fors[rule["alert"]] == wanted, rule["alert"]
+    assert set(fors.values()) == {"0m", "3s"}
+    result = run(promtool, "check", "rules", str(copy))
+    assert result.returncode == 0, result.stdout + result.stderr

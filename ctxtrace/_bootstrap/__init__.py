@@ -1,0 +1,1 @@
+"""The folder ``ctxtrace run`` puts first on ``PYTHONPATH``; see ``ctxtrace._autostart``."""

@@ -1,0 +1,81 @@
+"""Click commands (the ``flask`` CLI, ``app.cli``, plain click groups) as units of work.
+
+The unit begins in ``Command.invoke`` and ends when the command's click context
+closes, not when ``invoke`` returns: ``flask.cli.with_appcontext`` hands its app
+context to ``ctx.with_resource``, which pops it at close. Registered first, the
+end runs last (the exit stack unwinds in reverse), after those pops, so a
+command under ``with_appcontext`` is clean and one that leaves a context pushed
+is leaked, named after the command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from . import _agent, _worker
+from ._integration_kit import set_role
+from ._patching import Patch
+
+if TYPE_CHECKING:
+    from ._agent import Agent, UnitHandle
+
+
+def install(agent: Agent) -> Callable[[], None]:
+    original = vars(click.Command)["invoke"]
+
+    def invoke(self: click.Command, ctx: click.Context) -> Any:
+        if _agent.current() is agent:
+            try:
+                _begin(agent, self, ctx)
+            except Exception as exc:
+                agent.errors.record("click", exc)
+        return original(self, ctx)
+
+    invoke.__name__ = original.__name__
+    invoke.__qualname__ = original.__qualname__
+    invoke.__doc__ = original.__doc__
+    invoke.__wrapped__ = original  # type: ignore[attr-defined]
+    patch = Patch(click.Command, "invoke", invoke)
+    patch.apply()
+
+    def remove() -> None:
+        patch.revert()
+
+    return remove
+
+
+def _begin(agent: Agent, command: click.Command, ctx: click.Context) -> None:
+    if ctx.parent is None and _worker.role() == "process" and _is_the_program(ctx):
+        set_role(agent, "cli")
+    handle = agent.begin_unit("command", command.name or ctx.info_name or "?")
+    try:
+        ctx.call_on_close(lambda: _end(agent, handle))
+    except Exception:
+        _end(agent, handle)
+        raise
+
+
+def _is_the_program(ctx: click.Context) -> bool:
+    """Whether this root command is what the process runs, not a call from other code.
+
+    ``Command.main`` names the root context after the program (``myadmin``,
+    ``python -m shop.admin``); a test runner or a caller passing ``prog_name``
+    names it otherwise, and does not make this process a CLI. ``flask``,
+    ``celery`` and ``rq`` are recognised by name already.
+    """
+    detect = getattr(click.utils, "_detect_program_name", None)
+    try:
+        return detect is not None and ctx.info_name == detect()
+    except Exception:
+        return False
+
+
+def _end(agent: Agent, handle: UnitHandle) -> None:
+    try:
+        if _agent.current() is agent:
+            agent.end_unit(handle)
+    except Exception as exc:
+        agent.errors.record("click", exc)

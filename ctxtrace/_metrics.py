@@ -1,0 +1,539 @@
+"""Metrics: exact counts read at collection, and the context duration histogram.
+
+Nothing here runs on the request path. Pushes, pops and live contexts are
+counted by the ledger (``Ledger.snapshot()``); anomalies and out-of-context
+accesses are counted here as their events arrive (every one of them, never
+sampled); the agent counts its own errors. Observable instruments read all of
+these when a reader collects, so every exporter sees ordinary OpenTelemetry
+counters and gauges and a Prometheus scrape always sees exact numbers.
+
+The duration histogram has a path of its own, because the SDK has no
+asynchronous histogram and a ``Histogram.record`` costs several microseconds:
+the ledger appends each finished context's lifetime to a bounded buffer; a
+drain thread hands them to ``Histogram.record`` every second, and every
+collection drains first (from its first callback), so what a reader exports
+includes every context finished before it collected.
+
+Recording is budgeted: a token bucket lets the drains spend ``FEED_CPU_SHARE``
+of the process's time on ``record`` (bursts up to ``FEED_BURST_S`` of saved-up
+time). Lifetimes beyond the budget are not recorded and are counted, exactly,
+in ``ctxtrace_dropped_total{what="duration"}``, as are those the ledger's
+buffer lost. So at every collection the histogram's count is the number of
+finished contexts minus those dropped, and a flood of tiny requests costs the
+process a bounded share of its time instead of a share that grows with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
+
+from . import _providers
+from ._events import ANOMALIES, PROXIES, Anomaly, Event, OutOfContextAccess
+from ._version import VERSION
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+    from ._sdk_providers import PrivateMetrics
+
+#: Histogram bucket boundaries, in seconds: 100 us to 60 s.
+BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+#: Seconds between drains of the ledger's duration buffer.
+DRAIN_INTERVAL_S: Final = 1.0
+#: Share of the process's time the drains may spend recording durations. At
+#: about 8 us a record (opentelemetry-sdk 1.45, three attributes) 2 % is some
+#: 2,500 contexts a second, sustained: more than a Flask worker serves, less
+#: than a benchmark of empty requests makes.
+FEED_CPU_SHARE: Final = 0.02
+#: Most recording time the bucket saves up, in seconds (about 25,000 records).
+FEED_BURST_S: Final = 0.2
+#: What ``ctxtrace_dropped_total{what=...}`` reports, always (zero until something drops).
+DROPPED: Final = ("context", "log", "duration", "span")
+PHASES: Final = ("import", "runtime")
+_MAX_APPS: Final = 64
+_OTHER: Final = "other"
+
+
+def _read(counter: itertools.count[int]) -> int:
+    """The value of an ``itertools.count`` without advancing it (see the ledger)."""
+    return int(repr(counter)[6:-1])
+
+
+class ExactCounts:
+    """Counters keyed by label values; ``add`` is lock-free after a key's first use.
+
+    ``next()`` on an ``itertools.count`` is atomic under the GIL, so concurrent
+    emitters never lose an increment.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, ...], itertools.count[int]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: tuple[str, ...]) -> None:
+        counter = self._counts.get(key)
+        if counter is None:
+            with self._lock:
+                counter = self._counts.setdefault(key, itertools.count())
+        next(counter)
+
+    def items(self) -> list[tuple[tuple[str, ...], int]]:
+        return [(key, _read(c)) for key, c in list(self._counts.items())]
+
+    def keys(self) -> set[tuple[str, ...]]:
+        return set(self._counts)
+
+
+class DurationFeed:
+    """Moves lifetimes from the ledger's buffer into the histogram, within a CPU budget."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._lock = threading.RLock()
+        self.histogram: Histogram | None = None
+        self._attrs: dict[tuple[str, str], dict[str, str]] = {}
+        self._taken: dict[tuple[str, str], int] = {}
+        self._pops_before: dict[tuple[str, str], int] = {}
+        self._lost: dict[tuple[str, str], int] = {}
+        self.over_budget = 0
+        self._tokens = FEED_BURST_S
+        self._refilled = time.perf_counter()
+        self._base_pops: dict[tuple[str, str], int] = {}
+
+    # -- bookkeeping around fork ------------------------------------------
+
+    def rebase(self, pops: Mapping[tuple[str, str], int]) -> None:
+        """Forget the parent's lifetimes: a forked child starts from zero."""
+        # The drain thread may have held the lock when the parent forked.
+        self._lock = threading.RLock()
+        with self._lock:
+            for _ in self._agent.ledger.drain_durations():
+                pass
+            self._attrs.clear()
+            self._taken.clear()
+            self._pops_before.clear()
+            self._lost.clear()
+            self.over_budget = 0
+            self._base_pops = dict(pops)
+
+    @property
+    def dropped(self) -> int:
+        return self.over_budget + sum(self._lost.values())
+
+    # -- draining ---------------------------------------------------------
+
+    def _attributes(self, key: tuple[str, str]) -> dict[str, str]:
+        attrs = self._attrs.get(key)
+        if attrs is None:
+            attrs = self._attrs[key] = {
+                "kind": key[0], "app": key[1], "worker": self._agent.worker,
+            }
+        return attrs
+
+    def drain(self, *, budget: bool = True) -> int:
+        """Take every lifetime waiting; record those the budget allows, count the rest.
+
+        ``budget=False`` records them all (the last drain before the process goes).
+        Returns how many were recorded.
+        """
+        with self._lock:
+            histogram = self.histogram
+            now = time.perf_counter()
+            self._tokens = min(
+                FEED_BURST_S, self._tokens + (now - self._refilled) * FEED_CPU_SHARE
+            )
+            self._refilled = now
+            deadline = now + self._tokens if budget else float("inf")
+            recorded = 0
+            open_ = histogram is not None
+            taken = self._taken
+            for kind, app, value in self._agent.ledger.drain_durations():
+                key = (kind, app)
+                taken[key] = taken.get(key, 0) + 1
+                if open_ and histogram is not None:
+                    histogram.record(value, self._attributes(key))
+                    recorded += 1
+                    # Reading the clock every 32 records keeps its cost out of the budget.
+                    if not recorded & 31 and time.perf_counter() > deadline:
+                        open_ = False
+                elif histogram is not None:
+                    self.over_budget += 1
+            if budget:
+                self._tokens -= time.perf_counter() - now
+            return recorded
+
+    def account(self, pops: Mapping[tuple[str, str], int]) -> None:
+        """Count what the ledger's buffer dropped, once per drain tick.
+
+        Every pop counted at the previous tick (a second ago) has put its
+        lifetime in the ledger's buffer by now, and every drain empties that
+        buffer: whatever of them was never taken was dropped there. A lower
+        bound while traffic flows, exact once it pauses for a tick.
+        """
+        with self._lock:
+            for key, before in self._pops_before.items():
+                lost = before - self._taken.get(key, 0)
+                if lost > self._lost.get(key, 0):
+                    self._lost[key] = lost
+            self._pops_before = {
+                key: count - self._base_pops.get(key, 0) for key, count in pops.items()
+            }
+
+
+class MetricsEmitter:
+    """Counts anomalies and accesses; owns the instruments, the drain and the meter."""
+
+    name: Final = "metrics"
+
+    def __init__(self, agent: Agent, dropped_spans: Callable[[], int] = lambda: 0) -> None:
+        self._agent = agent
+        self._dropped_spans = dropped_spans
+        self.anomalies = ExactCounts()
+        self.accesses = ExactCounts()
+        self._apps: set[str] = set()
+        self.feed = DurationFeed(agent)
+        self.private: PrivateMetrics | None = None
+        self.meter_provider: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_push = 0.0
+        self._base: dict[str, Any] = {"pushes": {}, "errors": {}, "context": 0, "log": 0}
+        self._binding: Binding | None = None
+        self._inherited: PrivateMetrics | None = None
+
+    # -- events (any thread; must be cheap) ---------------------------------
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, Anomaly):
+            info = event.context
+            self.anomalies.add((event.name, info.kind, self._app(info.app)))
+        elif isinstance(event, OutOfContextAccess):
+            self.accesses.add((event.proxy, event.phase))
+
+    def _app(self, app: str) -> str:
+        if app in self._apps:
+            return app
+        if len(self._apps) >= _MAX_APPS:
+            return _OTHER
+        self._apps.add(app)
+        return app
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self._choose_meter()
+        except Exception as exc:
+            self._agent.errors.record(self.name, exc)
+        self._start_thread()
+
+    def _choose_meter(self) -> None:
+        """The global MeterProvider if there is one, else a private one (or none)."""
+        provider = _providers.global_meter_provider()
+        if provider is None:
+            agent = self._agent
+            self.private = _providers.build_metrics(
+                agent.worker, agent.config, _providers.environ(), agent.errors.record
+            )
+            provider = self.private.provider if self.private is not None else None
+        self._use(provider)
+
+    def _use(self, provider: Any) -> None:
+        if self._binding is not None:
+            self._binding.release(self)
+            self._binding = None
+        self.meter_provider = provider
+        if provider is None:
+            self.feed.histogram = None
+            return
+        meter: Meter = provider.get_meter(_providers.SCOPE, VERSION)
+        self._binding = bind(meter, self)
+        self.feed.histogram = self._binding.histogram
+        if self.private is not None and self.private.push_readers:
+            self._next_push = time.monotonic() + self.private.interval_s
+
+    def _start_thread(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ctxtrace-metrics", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(DRAIN_INTERVAL_S):
+            self.tick()
+
+    def tick(self) -> None:
+        """One round of the drain thread (tests call it directly)."""
+        try:
+            if self._inherited is not None:
+                self._rebuild_after_fork()
+            pops = self._pops()
+            self.feed.drain()
+            self.feed.account(pops)
+            private = self.private
+            if private is not None and private.push_readers and time.monotonic() >= self._next_push:
+                self._next_push = time.monotonic() + private.interval_s
+                private.push()
+            if private is not None or self.meter_provider is None:
+                self._adopt_late_global()
+        except Exception as exc:
+            self._agent.errors.record(self.name, exc)
+
+    def _adopt_late_global(self) -> None:
+        """An app that configures OpenTelemetry after ctxtrace started gets our metrics too."""
+        provider = _providers.global_meter_provider()
+        if provider is None:
+            return
+        private, self.private = self.private, None
+        self._use(provider)
+        if private is not None:
+            private.shutdown(2.0)
+
+    def _pops(self) -> dict[tuple[str, str], int]:
+        return {(s.kind, s.app): s.pops for s in self._agent.ledger.snapshot()}
+
+    def stop(self, timeout_s: float) -> None:
+        """Record what waits and hand the last numbers over, then let go of the meter.
+
+        The instruments stay bound until after the final export: a reader that
+        collects at shutdown still sees every count.
+        """
+        deadline = time.monotonic() + timeout_s
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, min(timeout_s, DRAIN_INTERVAL_S * 2)))
+        private, self.private = self.private, None
+        try:
+            self.feed.drain(budget=False)
+            remaining = max(0.001, deadline - time.monotonic())
+            if private is not None:
+                private.shutdown(remaining)
+            elif self.meter_provider is not None and hasattr(self.meter_provider, "force_flush"):
+                self.meter_provider.force_flush(timeout_millis=remaining * 1000)
+        finally:
+            if self._binding is not None:
+                self._binding.release(self)
+                self._binding = None
+            self.feed.histogram = None
+            self.meter_provider = None
+
+    def flush(self, timeout_s: float) -> None:
+        """Record everything waiting and push it (a process about to end without atexit)."""
+        self.feed.drain(budget=False)
+        if self.private is not None:
+            self.private.push(timeout_s)
+        elif self.meter_provider is not None and hasattr(self.meter_provider, "force_flush"):
+            self.meter_provider.force_flush(timeout_millis=max(timeout_s, 0.001) * 1000)
+
+    def after_fork(self) -> None:
+        """A forked child: its own identity, counts from zero, its own endpoint and thread."""
+        global _bindings_lock
+        _bindings_lock = threading.Lock()  # may have been held by another thread at fork
+        snapshot = self._agent.ledger.snapshot()
+        self._base = {
+            "pushes": {(s.kind, s.app): s.pushes for s in snapshot},
+            "errors": self._agent.errors.counts(),
+            "context": _read(self._agent.ledger.dropped_contexts),
+            "log": self._log_dropped(),
+        }
+        self._agent.ledger.take_depth_max()
+        self.anomalies = ExactCounts()
+        self.accesses = ExactCounts()
+        self.feed.rebase({(s.kind, s.app): s.pops for s in snapshot})
+        inherited, self.private = self.private, None
+        if inherited is not None:
+            # Only what takes no lock here: this runs inside os.fork(), before
+            # the fork hooks of modules imported after ctxtrace (the SDK's
+            # resource detection takes concurrent.futures' lock, which only its
+            # own hook releases). The drain thread builds the new provider.
+            if inherited.endpoint is not None:
+                inherited.endpoint.abandon()
+            self._use(None)
+            self._inherited = inherited
+        # With the application's provider, the instruments stay: they read the
+        # worker label afresh at each collection.
+        self._start_thread()
+
+    def _rebuild_after_fork(self) -> None:
+        """First tick in a forked child: a private provider, endpoint and file of its own."""
+        inherited, self._inherited = self._inherited, None
+        if inherited is not None:
+            inherited.abandon_inherited()
+            self._choose_meter()
+
+    # -- reading, at collection ---------------------------------------------
+
+    def _log_dropped(self) -> int:
+        for emitter in self._agent.emitters:
+            if emitter.name == "logs":
+                return int(getattr(emitter, "dropped", 0))
+        return 0
+
+    def observe_contexts(self, options: CallbackOptions) -> Iterable[Observation]:
+        """``ctxtrace_contexts_total``; the first callback, so it drains the histogram first.
+
+        Without the budget: what a reader exports includes every lifetime that
+        reached the drain, and this costs at most the backlog plus the ledger's
+        buffer per collection, however the traffic goes.
+        """
+        try:
+            self.feed.drain(budget=False)
+        except Exception as exc:
+            self._agent.errors.record(self.name, exc)
+        worker = self._agent.worker
+        base = self._base["pushes"]
+        return [
+            Observation(
+                s.pushes - base.get((s.kind, s.app), 0),
+                {"kind": s.kind, "app": s.app, "worker": worker},
+            )
+            for s in self._agent.ledger.snapshot()
+        ]
+
+    def observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
+        worker = self._agent.worker
+        return [
+            Observation(s.active, {"kind": s.kind, "app": s.app, "worker": worker})
+            for s in self._agent.ledger.snapshot()
+        ]
+
+    def observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._agent.ledger.take_depth_max(), {"worker": self._agent.worker})]
+
+    def observe_anomalies(self, options: CallbackOptions) -> Iterable[Observation]:
+        worker = self._agent.worker
+        counts: dict[tuple[str, ...], int] = {
+            (name, s.kind, s.app): 0 for s in self._agent.ledger.snapshot() for name in ANOMALIES
+        }
+        counts.update(self.anomalies.items())
+        return [
+            Observation(n, {"anomaly": a, "kind": k, "app": app, "worker": worker})
+            for (a, k, app), n in counts.items()
+        ]
+
+    def observe_accesses(self, options: CallbackOptions) -> Iterable[Observation]:
+        worker = self._agent.worker
+        counts: dict[tuple[str, ...], int] = {(p, ph): 0 for p in PROXIES for ph in PHASES}
+        counts.update(self.accesses.items())
+        return [
+            Observation(n, {"proxy": p, "phase": ph, "worker": worker})
+            for (p, ph), n in counts.items()
+        ]
+
+    def observe_errors(self, options: CallbackOptions) -> Iterable[Observation]:
+        worker = self._agent.worker
+        base = self._base["errors"]
+        return [
+            Observation(n - base.get(component, 0), {"component": component, "worker": worker})
+            for component, n in self._agent.errors.counts().items()
+        ]
+
+    def dropped(self) -> dict[str, int]:
+        """What each bound turned away in this process, by ``what``."""
+        return {
+            "context": _read(self._agent.ledger.dropped_contexts) - self._base["context"],
+            "log": self._log_dropped() - self._base["log"],
+            "duration": self.feed.dropped,
+            "span": self._dropped_spans(),
+        }
+
+    def observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
+        worker = self._agent.worker
+        return [
+            Observation(n, {"what": what, "worker": worker}) for what, n in self.dropped().items()
+        ]
+
+
+class Binding:
+    """The instruments made on one meter, and the emitter they read from now.
+
+    A meter registers an instrument name once: a second ``instrument()`` in the
+    same process (or a test run) gets the same instruments back, so their
+    callbacks go through this binding to whichever emitter is running.
+    """
+
+    def __init__(self, meter: Meter) -> None:
+        self.source: MetricsEmitter | None = None
+        self.histogram = create_instruments(meter, self)
+
+    def release(self, source: MetricsEmitter) -> None:
+        if self.source is source:
+            self.source = None
+
+    def _read(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            source = self.source
+            if source is None:
+                return ()
+            observe: Callable[[CallbackOptions], Iterable[Observation]] = getattr(source, name)
+            return observe(options)
+
+        return callback
+
+
+_bindings: weakref.WeakKeyDictionary[Any, Binding] = weakref.WeakKeyDictionary()
+_bindings_lock = threading.Lock()
+
+
+def bind(meter: Meter, source: MetricsEmitter) -> Binding:
+    """The binding for ``meter`` (made on first use), now reading from ``source``."""
+    with _bindings_lock:
+        binding = _bindings.get(meter)
+        if binding is None:
+            binding = _bindings[meter] = Binding(meter)
+        binding.source = source
+    return binding
+
+
+def create_instruments(meter: Meter, binding: Binding) -> Histogram:
+    """Every ctxtrace instrument on ``meter``; returns the duration histogram.
+
+    Names as Prometheus shows them: a counter ``a.b`` becomes ``a_b_total``,
+    unit ``s`` adds ``_seconds``, curly-brace units add nothing.
+    """
+    read = binding._read
+    # Registered first: its callback drains the duration buffer before any
+    # reader's storage is collected.
+    meter.create_observable_counter(
+        "ctxtrace.contexts", [read("observe_contexts")], unit="{context}",
+        description="Flask contexts pushed.",
+    )
+    histogram = meter.create_histogram(
+        "ctxtrace.context.duration", unit="s",
+        description="Lifetime of Flask contexts, push to last pop.",
+        explicit_bucket_boundaries_advisory=list(BUCKETS),
+    )
+    meter.create_observable_up_down_counter(
+        "ctxtrace.contexts.active", [read("observe_active")], unit="{context}",
+        description="Flask contexts pushed and not yet popped.",
+    )
+    meter.create_observable_gauge(
+        "ctxtrace.context.depth_max", [read("observe_depth")], unit="{context}",
+        description="Deepest context stack since the last collection.",
+    )
+    meter.create_observable_counter(
+        "ctxtrace.anomalies", [read("observe_anomalies")], unit="{anomaly}",
+        description="Context anomalies, except out-of-context access.",
+    )
+    meter.create_observable_counter(
+        "ctxtrace.out_of_context_access", [read("observe_accesses")], unit="{access}",
+        description="Flask proxies used outside any context.",
+    )
+    meter.create_observable_counter(
+        "ctxtrace.internal_errors", [read("observe_errors")], unit="{error}",
+        description="Errors inside ctxtrace, caught and swallowed.",
+    )
+    meter.create_observable_counter(
+        "ctxtrace.dropped", [read("observe_dropped")], unit="{record}",
+        description="Records a bound turned away.",
+    )
+    return histogram

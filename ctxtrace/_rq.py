@@ -1,0 +1,85 @@
+"""RQ jobs as units of work.
+
+The unit wraps ``perform_job``: the job itself and RQ's handling of its result
+(success and failure callbacks included), in whichever process performs it.
+RQ's default worker forks a work-horse per job and the horse leaves with
+``os._exit``: no atexit handler runs, and whatever an emitter still buffers is
+lost. So in a horse the agent's emitters are flushed when the unit ends, before
+RQ lets the horse exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from . import _agent
+from ._integration_kit import FLUSH_TIMEOUT_S, on_import, set_role
+from ._patching import Patch
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+
+
+def install(agent: Agent) -> Callable[[], None]:
+    return on_import(
+        "rq",
+        lambda rq: _patch(agent, rq),
+        lambda exc: agent.errors.record("integration.rq", exc),
+    )
+
+
+def _worker_class(rq: ModuleType) -> type[Any]:
+    """The class that defines ``perform_job`` (``BaseWorker`` in RQ 2+, ``Worker`` before)."""
+    worker: type[Any] = rq.Worker
+    for cls in worker.__mro__:
+        if "perform_job" in vars(cls):
+            return cls
+    raise LookupError("rq.Worker has no perform_job")
+
+
+def _patch(agent: Agent, rq: ModuleType) -> Callable[[], None]:
+    cls = _worker_class(rq)
+    original = vars(cls)["perform_job"]
+
+    def perform_job(self: Any, job: Any, queue: Any, *args: Any, **kwargs: Any) -> Any:
+        if _agent.current() is not agent:
+            return original(self, job, queue, *args, **kwargs)
+        try:
+            set_role(agent, "rq")
+            handle = agent.begin_unit("job", _job_name(job))
+        except Exception as exc:
+            agent.errors.record("rq", exc)
+            return original(self, job, queue, *args, **kwargs)
+        try:
+            return original(self, job, queue, *args, **kwargs)
+        finally:
+            try:
+                if _agent.current() is agent:
+                    agent.end_unit(handle)
+                    if getattr(self, "_is_horse", False):
+                        agent.flush(FLUSH_TIMEOUT_S)
+            except Exception as exc:
+                agent.errors.record("rq", exc)
+
+    perform_job.__name__ = original.__name__
+    perform_job.__qualname__ = original.__qualname__
+    perform_job.__doc__ = original.__doc__
+    perform_job.__wrapped__ = original  # type: ignore[attr-defined]
+    patch = Patch(cls, "perform_job", perform_job)
+    patch.apply()
+
+    def remove() -> None:
+        patch.revert()
+
+    return remove
+
+
+def _job_name(job: Any) -> str:
+    """The job's function (``module.function``), which names the code to look at."""
+    try:
+        name = job.func_name
+    except Exception:
+        name = None
+    return str(name or getattr(job, "id", None) or "?")

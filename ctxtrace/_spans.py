@@ -1,0 +1,384 @@
+"""Spans: one per context lifetime, ``flask.app_context`` or ``flask.request_context``.
+
+``CTXTRACE_SPANS=anomalies`` (the default) makes a span only for a context that
+runs into an anomaly, when the anomaly event arrives: nothing happens for
+healthy contexts. The span is back-dated to the push (``ContextInfo.pushed_ns``
+is the monotonic clock; one offset taken at start turns it into the epoch time
+OpenTelemetry wants), its parent is the OpenTelemetry context captured at the
+push, it carries an ERROR status and an event ``ctxtrace.<anomaly>``, and it
+ends when the anomaly is found.
+
+``CTXTRACE_SPANS=all`` makes a span for every context. It is started and ended
+when the context is popped, with the push time as its start: the parent can
+then be the server span OpenTelemetry's Flask instrumentation starts only after
+Flask pushed the request context (see ``_tracecarry``). The tracer provider's
+sampler decides as for any other span. Anomalies seen before the pop become
+events on that span; a leaked context's span is ended when the leak is found.
+
+An out-of-context access becomes an event on the current span when one is
+recording, else a short span ``ctxtrace.out_of_context_access`` of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import _providers, _tracecarry
+from ._events import Anomaly, ContextInfo, ContextPopped, ContextPushed, Event, OutOfContextAccess
+from ._version import VERSION
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+    from ._sdk_providers import PrivateTracing
+
+SPAN_NAMES: Final = {"app": "flask.app_context", "request": "flask.request_context"}
+ACCESS_SPAN: Final = "ctxtrace.out_of_context_access"
+#: How often, at most, a process without the application's TracerProvider looks again.
+RECHECK_S: Final = 1.0
+#: Contexts followed at once in ``all`` mode (anomalies waiting for the pop, routes).
+MAX_TRACKED: Final = 10_000
+# Anomalies after which the context's life is over (no pop will follow).
+_FINAL: Final = frozenset(("leaked", "double_pop"))
+
+
+def _exception_stacktrace(event: OutOfContextAccess) -> str:
+    """A traceback in Python's own format, down to the line that touched the proxy."""
+    last = f"{event.exc_type}: {event.exc_message}"
+    site = event.site
+    if site is None or not site.file:
+        return last
+    return (
+        "Traceback (most recent call last):\n"
+        f'  File "{site.file}", line {site.line}, in {site.function}\n{last}'
+    )
+
+
+class _Bounded(dict[int, Any]):
+    """A dict that forgets its oldest entries past a size (insertion order)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key: int, value: Any) -> list[tuple[int, Any]]:
+        self[key] = value
+        evicted: list[tuple[int, Any]] = []
+        while len(self) > self.limit:
+            try:
+                oldest = next(iter(self))
+            except (StopIteration, RuntimeError):  # another thread changed it meanwhile
+                break
+            evicted.append((oldest, self.pop(oldest, None)))
+        return evicted
+
+
+class SpanEmitter:
+    """Turns anomalies (and, in ``all`` mode, every context) into spans."""
+
+    name: Final = "spans"
+
+    def __init__(self, agent: Agent, mode: str) -> None:
+        self._agent = agent
+        self._all = mode == "all"
+        self._offset = time.time_ns() - time.monotonic_ns()
+        self._tracer: trace.Tracer | None = None
+        self._provider: Any = None
+        self.private: PrivateTracing | None = None
+        self._recheck_at = 0.0
+        self._lock = threading.Lock()
+        # ``all`` mode: anomalies waiting for their context's pop, the environ of
+        # each request unit (for the app context a request pushes before itself),
+        # contexts whose span a leak already ended.
+        self._pending = _Bounded(MAX_TRACKED)
+        self._unit_environ = _Bounded(MAX_TRACKED)
+        self._ended = _Bounded(MAX_TRACKED)
+        self._route_cache: dict[tuple[str, str], str] = {}
+        self.dropped_counter = itertools.count()
+
+    @property
+    def dropped(self) -> int:
+        return int(repr(self.dropped_counter)[6:-1])
+
+    # -- providers ----------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self._choose_tracer()
+        except Exception as exc:
+            self._agent.errors.record(self.name, exc)
+
+    def _choose_tracer(self) -> None:
+        """The global TracerProvider if set, else a private one if an exporter is named."""
+        provider = _providers.global_tracer_provider()
+        if provider is None:
+            agent = self._agent
+            self.private = _providers.build_tracing(
+                agent.worker, _providers.environ(), agent.errors.record
+            )
+            provider = self.private.provider if self.private is not None else None
+        self._provider = provider
+        self._tracer = provider.get_tracer(_providers.SCOPE, VERSION) if provider else None
+        self._recheck_at = time.monotonic() + RECHECK_S
+
+    def _tracer_now(self) -> trace.Tracer | None:
+        """The tracer; without the application's own, look for it again now and then."""
+        tracer = self._tracer
+        if self.private is None and tracer is not None:
+            return tracer
+        now = time.monotonic()
+        if now < self._recheck_at:
+            return tracer
+        with self._lock:
+            self._recheck_at = now + RECHECK_S
+            provider = _providers.global_tracer_provider()
+            if provider is None or provider is self._provider:
+                return self._tracer
+            private, self.private = self.private, None
+            self._provider = provider
+            self._tracer = provider.get_tracer(_providers.SCOPE, VERSION)
+        if private is not None:
+            # Off this thread: a shutdown exports what is queued.
+            threading.Thread(target=private.shutdown, name="ctxtrace-retire", daemon=True).start()
+        return self._tracer
+
+    def flush(self, timeout_s: float) -> None:
+        provider = self._provider
+        if provider is not None and hasattr(provider, "force_flush"):
+            provider.force_flush(int(max(timeout_s, 0.001) * 1000))
+
+    def stop(self, timeout_s: float) -> None:
+        # Contexts still waiting for a pop that will never be seen: end them now.
+        for cid, anomalies in list(self._pending.items()):
+            self._pending.pop(cid, None)
+            self._context_span(anomalies[-1].context, anomalies[-1].carry, None, anomalies)
+        private, self.private = self.private, None
+        if private is not None:
+            private.flush(timeout_s)
+            private.shutdown()
+        elif self._provider is not None:
+            self.flush(timeout_s)
+        self._tracer = self._provider = None
+
+    def after_fork(self) -> None:
+        """A forked child: nothing of the parent's is followed; its own provider if private."""
+        self._lock = threading.Lock()  # may have been held by another thread at fork
+        for table in (self._pending, self._unit_environ, self._ended):
+            table.clear()
+        self._offset = time.time_ns() - time.monotonic_ns()
+        inherited, self.private = self.private, None
+        if inherited is not None:
+            # Not here, inside os.fork(): building a provider takes locks that
+            # only later fork hooks release. Spans wait for the new one (a second).
+            self._tracer = self._provider = None
+            timer = threading.Timer(RECHECK_S, self._rebuild_after_fork, args=(inherited,))
+            timer.daemon = True
+            timer.start()
+
+    def _rebuild_after_fork(self, inherited: PrivateTracing) -> None:
+        """A private provider of the child's own; the parent's copy goes without exporting.
+
+        By now the SDK has restarted the inherited batch processors and emptied
+        their queues, so shutting them down sends none of the parent's spans.
+        """
+        try:
+            inherited.shutdown()
+            self._choose_tracer()
+        except Exception as exc:
+            self._agent.errors.record(self.name, exc)
+
+    # -- events ---------------------------------------------------------------
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, ContextPopped):
+            self._popped(event)
+        elif isinstance(event, ContextPushed):
+            self._pushed(event)
+        elif isinstance(event, Anomaly):
+            self._anomaly(event)
+        elif isinstance(event, OutOfContextAccess):
+            self._access(event)
+
+    def _pushed(self, event: ContextPushed) -> None:
+        info = event.context
+        if info.kind == "request" and info.unit is not None:
+            environ = _tracecarry.environ_part(event.carry)
+            if environ is not None:
+                self._track(self._unit_environ, info.unit.id, environ)
+
+    def _popped(self, event: ContextPopped) -> None:
+        info = event.context
+        if self._ended.pop(info.id, None) is not None:
+            return
+        anomalies: Sequence[Anomaly] = self._pending.pop(info.id, ())
+        end = self._epoch(info.pushed_ns) + int(event.duration_s * 1e9)
+        self._context_span(info, event.carry, end, anomalies)
+        if info.kind == "request" and info.unit is not None:
+            self._unit_environ.pop(info.unit.id, None)
+
+    def _anomaly(self, event: Anomaly) -> None:
+        info = event.context
+        if not self._all or info.id == 0 or info.id in self._ended:
+            self._context_span(info, event.carry, None, (event,), in_anomaly=True)
+            return
+        waiting: list[Anomaly] = [*self._pending.pop(info.id, ()), event]
+        if event.name in _FINAL:
+            self._context_span(info, event.carry, None, waiting, in_anomaly=True)
+            # A repaired leak is popped next: its span is already ended.
+            self._track(self._ended, info.id, True)
+        else:
+            self._track(self._pending, info.id, waiting)
+
+    def _track(self, table: _Bounded, key: int, value: Any) -> None:
+        for _, evicted in table.put(key, value):
+            next(self.dropped_counter)
+            if table is self._pending:
+                self._context_span(evicted[-1].context, evicted[-1].carry, None, evicted)
+
+    # -- making spans -------------------------------------------------------------
+
+    def _epoch(self, monotonic_ns: int) -> int:
+        return monotonic_ns + self._offset
+
+    def _context_span(
+        self,
+        info: ContextInfo,
+        carry: object,
+        end_ns: int | None,
+        anomalies: Sequence[Anomaly],
+        *,
+        in_anomaly: bool = False,
+    ) -> None:
+        tracer = self._tracer_now()
+        if tracer is None:
+            return
+        parent = _tracecarry.parent_context(carry, self._request_environ(info, carry, in_anomaly))
+        route = self._route(info, carry) if info.kind == "request" else None
+        outcome = anomalies[-1].name if anomalies else "popped"
+        start = self._epoch(info.pushed_ns if info.pushed_ns else anomalies[0].at_ns)
+        span = tracer.start_span(
+            SPAN_NAMES.get(info.kind, "flask.app_context"),
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            attributes=self._attributes(info, outcome, route),
+            start_time=start,
+        )
+        if anomalies and span.is_recording():
+            for anomaly in anomalies:
+                span.add_event(
+                    f"ctxtrace.{anomaly.name}",
+                    attributes=self._anomaly_attributes(anomaly),
+                    timestamp=self._epoch(anomaly.at_ns),
+                )
+            last = anomalies[-1]
+            reason = f" ({last.reason})" if last.reason else ""
+            span.set_status(Status(StatusCode.ERROR, f"{last.name}{reason}"))
+        span.end(end_time=end_ns if end_ns is not None else time.time_ns())
+
+    def _request_environ(
+        self, info: ContextInfo, carry: object, in_anomaly: bool
+    ) -> Mapping[str, Any] | None:
+        """For an app context a request pushed for itself: that request's environ."""
+        if info.kind != "app" or _tracecarry.environ_part(carry) is not None:
+            return None
+        if info.unit is not None:
+            environ: Mapping[str, Any] | None = self._unit_environ.get(info.unit.id)
+            if environ is not None:
+                return environ
+        # Found while the request pops it (a wrong pop): the request is up the stack.
+        return _tracecarry.dispatching_environ() if in_anomaly else None
+
+    def _route(self, info: ContextInfo, carry: object) -> str | None:
+        route = _tracecarry.route_of(carry)
+        endpoint = info.site.endpoint if info.site is not None else None
+        if endpoint is None:
+            return route
+        key = (info.app, endpoint)
+        if route is not None:
+            if len(self._route_cache) < 4096:
+                self._route_cache[key] = route
+            return route
+        route = self._route_cache.get(key) or _tracecarry.route_for_endpoint(info.app, endpoint)
+        if route is not None and len(self._route_cache) < 4096:
+            self._route_cache[key] = route
+        return route
+
+    def _attributes(self, info: ContextInfo, outcome: str, route: str | None) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            "flask.app.name": info.app,
+            "flask.context.kind": info.kind,
+            "ctxtrace.context.id": info.id,
+            "ctxtrace.context.depth": info.depth,
+            "ctxtrace.worker.id": self._agent.worker,
+            "ctxtrace.outcome": outcome,
+            "thread.id": info.thread_id,
+            "thread.name": info.thread_name,
+        }
+        site = info.site
+        if site is not None:
+            if site.endpoint is not None:
+                attributes["flask.endpoint"] = site.endpoint
+            if site.file:
+                attributes["code.function.name"] = site.function
+                attributes["code.file.path"] = site.file
+                attributes["code.line.number"] = site.line
+        if route is not None:
+            attributes["http.route"] = route
+        return attributes
+
+    @staticmethod
+    def _anomaly_attributes(event: Anomaly) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            "ctxtrace.anomaly": event.name,
+            "thread.name": event.thread_name,
+            "ctxtrace.flight": [
+                f"{r.op} {r.kind}#{r.context_id} at {r.site or '?'} on {r.thread_name}"
+                for r in event.flight
+            ],
+        }
+        if event.reason:
+            attributes["ctxtrace.reason"] = event.reason
+        if event.unit is not None:
+            attributes["ctxtrace.unit"] = f"{event.unit.kind}:{event.unit.name}"
+        if event.repaired:
+            attributes["ctxtrace.repaired"] = True
+        other = event.other
+        if other is not None:
+            attributes["ctxtrace.top.context.id"] = other.id
+            attributes["ctxtrace.top.kind"] = other.kind
+            if other.site is not None:
+                attributes["ctxtrace.top.site"] = str(other.site)
+        return attributes
+
+    def _access(self, event: OutOfContextAccess) -> None:
+        attributes: dict[str, Any] = {
+            "exception.type": event.exc_type,
+            "exception.message": event.exc_message,
+            "exception.stacktrace": _exception_stacktrace(event),
+            "ctxtrace.proxy": event.proxy,
+            "ctxtrace.phase": event.phase,
+            "ctxtrace.worker.id": self._agent.worker,
+            "thread.name": event.thread_name,
+        }
+        site = event.site
+        if site is not None and site.file:
+            attributes["code.function.name"] = site.function
+            attributes["code.file.path"] = site.file
+            attributes["code.line.number"] = site.line
+        when = self._epoch(event.at_ns)
+        current = trace.get_current_span()
+        if current.is_recording():
+            current.add_event(ACCESS_SPAN, attributes=attributes, timestamp=when)
+            return
+        tracer = self._tracer_now()
+        if tracer is None:
+            return
+        span = tracer.start_span(ACCESS_SPAN, attributes=attributes, start_time=when)
+        span.set_status(Status(StatusCode.ERROR, event.exc_message))
+        span.end(end_time=when)

@@ -1,0 +1,45 @@
+"""Wiring the telemetry emitters (metrics, spans) into an agent.
+
+The agent asks two things: what the ledger must collect for them (push/pop
+events only for ``CTXTRACE_SPANS=all``; the OpenTelemetry context at each push
+unless spans are off), and the emitters themselves. The metrics emitter always
+exists (it also drains the ledger's duration buffer); the span emitter only
+when spans are not off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import _tracecarry
+from ._config import Config
+from ._metrics import MetricsEmitter
+from ._spans import SpanEmitter
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerNeeds:
+    """Ledger constructor arguments the telemetry layer needs."""
+
+    lifecycle: bool
+    capture: Callable[[], object] | None
+
+
+def ledger_needs(config: Config) -> LedgerNeeds:
+    return LedgerNeeds(
+        lifecycle=config.spans == "all",
+        capture=_tracecarry.capture if config.spans != "off" else None,
+    )
+
+
+def emitters(agent: Agent) -> list[Any]:
+    """The metrics emitter and, unless spans are off, the span emitter."""
+    if agent.config.spans == "off":
+        return [MetricsEmitter(agent)]
+    spans = SpanEmitter(agent, agent.config.spans)
+    return [MetricsEmitter(agent, dropped_spans=lambda: spans.dropped), spans]

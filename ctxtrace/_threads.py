@@ -1,0 +1,114 @@
+"""Threads as units of work.
+
+A context pushed in a thread and still pushed when the thread's ``run`` returns
+is leaked, named after the thread; an out-of-context access in the thread names
+the unit that started it (most often a request handing work to a thread).
+
+``Thread.start`` is the one patch: it runs in the starting thread, where the
+starting unit is known, and wraps the new thread's ``run`` on the instance. The
+instance attribute beats every subclass's own ``run`` (``Timer``, pool workers,
+user subclasses) without touching them, and is removed again when ``run`` ends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _agent, _units
+from ._patching import Patch
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+    from ._events import Unit
+
+#: ctxtrace's own threads (watchdog, exporters) are not units of the application.
+_OWN_PREFIX: Final = "ctxtrace-"
+
+
+def install(agent: Agent) -> Callable[[], None]:
+    # Looked up through the class, not its ``__dict__``: gevent's monkey-patched
+    # ``Thread`` inherits ``start``. The patch goes on ``threading.Thread`` itself
+    # and ``revert`` removes it again, leaving the inherited one.
+    original = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if _agent.current() is agent:
+            try:
+                _wrap_run(agent, self)
+            except Exception as exc:
+                agent.errors.record("threads", exc)
+        return original(self)
+
+    start.__name__ = original.__name__
+    start.__qualname__ = original.__qualname__
+    start.__doc__ = original.__doc__
+    start.__wrapped__ = original  # type: ignore[attr-defined]
+    patch = Patch(threading.Thread, "start", start)
+    patch.apply()
+
+    def remove() -> None:
+        patch.revert()
+
+    return remove
+
+
+def _wrap_run(agent: Agent, thread: threading.Thread) -> None:
+    if (
+        thread.ident is not None  # started already: ``start`` is about to refuse
+        or thread.name.startswith(_OWN_PREFIX)
+        or isinstance(vars(thread).get("run"), _UnitRun)
+    ):
+        return
+    unit = agent.ledger.current_unit()
+    parent: Unit | None = unit.info() if unit is not None else None
+    # Bound now, in the starting thread: the instance attribute set below must
+    # not find itself when the new thread looks up ``run``.
+    thread.run = _UnitRun(agent, thread, thread.run, parent)  # type: ignore[method-assign]
+
+
+class _UnitRun:
+    """The thread's ``run``, inside a unit named after the thread."""
+
+    __slots__ = ("agent", "parent", "run", "thread")
+
+    def __init__(
+        self, agent: Agent, thread: threading.Thread, run: Callable[[], Any], parent: Unit | None
+    ) -> None:
+        self.agent = agent
+        self.thread = thread
+        self.run = run
+        self.parent = parent
+
+    def __call__(self) -> None:
+        agent = self.agent
+        run = self.run
+        try:
+            # The instance attribute holds the thread, its target and arguments:
+            # drop it now rather than leave a cycle for the collector.
+            if vars(self.thread).get("run") is self:
+                del self.thread.run
+        except Exception as exc:
+            agent.errors.record("threads", exc)
+        if _agent.current() is not agent:
+            run()
+            return
+        try:
+            handle = agent.begin_unit("thread", self.thread.name)
+            _units.started_by.enter(self.parent)
+        except Exception as exc:
+            agent.errors.record("threads", exc)
+            run()
+            return
+        try:
+            run()
+        finally:
+            try:
+                _units.started_by.leave()
+                # Still the running agent: one that was stopped meanwhile has
+                # stopped watching, and its ledger would report stale news.
+                if _agent.current() is agent:
+                    agent.end_unit(handle)
+            except Exception as exc:
+                agent.errors.record("threads", exc)

@@ -1,0 +1,128 @@
+"""Real servers and workers for the integration tests: started on free loopback ports,
+stopped by pid, every wait bounded in time.
+
+redis-server comes from Debian (``apt-get install -y --no-install-recommends
+redis-server``; ``.ci/run`` installs it). Missing on a laptop, the tests that need
+it skip and say so; missing in CI (``CI`` set), they fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    check: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str
+) -> Any:
+    """Poll ``check`` until it returns something truthy: bounded in time and in count."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 1):
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}", pytrace=False)
+
+
+def stop(process: subprocess.Popen[Any], *, grace: float = 10.0, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL after ``grace``; ``group``: the process leads a session we
+    started, whose stragglers (pool processes, work-horses) are killed too."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait(5)
+    if group:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def redis_server_binary() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        hint = "apt-get install -y --no-install-recommends redis-server"
+        if os.environ.get("CI"):
+            pytest.fail(f"redis-server is not installed, and CI is set: {hint}", pytrace=False)
+        pytest.skip(f"redis-server is not installed ({hint})")
+    return path
+
+
+@contextlib.contextmanager
+def redis_server(tmp: Path) -> Iterator[str]:
+    """A throw-away redis-server on 127.0.0.1; yields its URL."""
+    binary = redis_server_binary()
+    for _attempt in range(3):
+        port = free_port()
+        log = tmp / f"redis-{port}.log"
+        process = subprocess.Popen(
+            [
+                binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(tmp), "--daemonize", "no",
+                "--logfile", str(log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+
+        def ping(process: subprocess.Popen[bytes] = process, client: Any = client) -> bool:
+            if process.poll() is not None:
+                return True  # exited: the port was taken meanwhile, try another
+            try:
+                return bool(client.ping())
+            except redis.exceptions.ConnectionError:
+                return False
+
+        try:
+            wait_until(ping, timeout=10, what=f"redis-server on port {port}")
+            if process.poll() is None:
+                break
+        finally:
+            client.close()
+    else:
+        pytest.fail(f"redis-server would not start: {log.read_text()[-2000:]}", pytrace=False)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(process, grace=5)
+
+
+def python(*args: str, env: Mapping[str, str] | None = None, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``python args...`` from the repository root in a session of its own (stop it
+    with ``stop(process, group=True)``), output to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )

@@ -1,0 +1,376 @@
+"""Exporters: OTLP over HTTP to a real receiver, the per-worker Prometheus endpoint, providers."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask, current_app
+from opentelemetry import metrics, trace
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from prometheus_client.parser import text_string_to_metric_families
+
+import ctxtrace
+from ctxtrace import _agent, _metrics, _prometheus, _spans
+
+from ._servers import REPO, wait_until
+
+OTEL_ENV = (
+    "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES",
+)
+
+
+class Receiver:
+    """An OTLP/HTTP receiver on 127.0.0.1 that keeps every request body, decoded."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.traces: list[ExportTraceServiceRequest] = []
+        self.metrics: list[ExportMetricsServiceRequest] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                assert self.headers["Content-Type"] == "application/x-protobuf"
+                if self.path == "/v1/traces":
+                    receiver.traces.append(ExportTraceServiceRequest.FromString(body))
+                elif self.path == "/v1/metrics":
+                    receiver.metrics.append(ExportMetricsServiceRequest.FromString(body))
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+    def spans(self) -> list[Any]:
+        return [
+            (rs.resource, span)
+            for request in self.traces
+            for rs in request.resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans
+        ]
+
+    def metric(self, name: str) -> list[Any]:
+        """The data points of ``name`` in the last metrics request that has it."""
+        found: list[Any] = []
+        for request in self.metrics:
+            for rm in request.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        if m.name == name:
+                            field = m.WhichOneof("data")
+                            found = list(getattr(m, field).data_points)
+        return found
+
+
+def attributes(items: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kv in items:
+        field = kv.value.WhichOneof("value")
+        out[kv.key] = getattr(kv.value, field)
+    return out
+
+
+@pytest.fixture
+def clean_otel_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in OTEL_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def receiver(clean_otel_env: None) -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()
+
+
+def _otlp_env(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", url)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "shop-api")
+
+
+def _double_pop(app: Flask) -> None:
+    ctx = app.app_context()
+    ctx.push()
+    ctx.pop()
+    with pytest.raises(LookupError):
+        ctx.pop()
+
+
+class TestOtlp:
+    def test_spans_and_metrics_reach_a_receiver(
+        self, receiver: Receiver, app: Flask, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Private providers from the OTEL_* environment: OTLP/HTTP protobuf, flushed at stop."""
+        _otlp_env(monkeypatch, receiver.url)
+        # Not the ``instrumented`` fixture: it names CTXTRACE_METRICS, which would
+        # win over OTEL_METRICS_EXPORTER.
+        assert ctxtrace.instrument(log_rate_window="off")
+        agent = _agent.current()
+        assert agent is not None
+        client = app.test_client()
+        for _ in range(2):
+            client.get("/")
+        _double_pop(app)
+        # ctxtrace never touches the globals.
+        assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        assert type(metrics.get_meter_provider()).__name__ == "_ProxyMeterProvider"
+        ctxtrace.uninstrument()
+
+        ((resource, span),) = receiver.spans()
+        resource_attributes = attributes(resource.attributes)
+        assert resource_attributes["service.name"] == "shop-api"
+        assert resource_attributes["service.instance.id"] == agent.worker
+        assert span.name == "flask.app_context"
+        assert span.status.code == span.status.STATUS_CODE_ERROR
+        assert [e.name for e in span.events] == ["ctxtrace.double_pop"]
+        assert attributes(span.attributes)["ctxtrace.outcome"] == "double_pop"
+
+        (contexts,) = [
+            p for p in receiver.metric("ctxtrace.contexts")
+            if attributes(p.attributes)["kind"] == "app"
+        ]
+        assert contexts.as_int == 3
+        labels = {"kind": "app", "app": "shop", "worker": agent.worker}
+        assert attributes(contexts.attributes) == labels
+        histograms = {
+            attributes(p.attributes)["kind"]: p
+            for p in receiver.metric("ctxtrace.context.duration")
+        }
+        assert histograms["app"].count == 3 and histograms["request"].count == 2
+        assert list(histograms["app"].explicit_bounds) == list(_metrics.BUCKETS)
+        anomalies = {
+            (attributes(p.attributes)["anomaly"], attributes(p.attributes)["kind"]): p.as_int
+            for p in receiver.metric("ctxtrace.anomalies")
+        }
+        assert anomalies[("double_pop", "app")] == 1
+        assert sum(anomalies.values()) == 1
+
+    def test_failures_are_counted_never_raised(
+        self, app: Flask, monkeypatch: pytest.MonkeyPatch,
+        clean_otel_env: None, capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A receiver that refuses everything: the app is untouched, each exporter counts."""
+        refusing = Receiver(status=400)
+        try:
+            _otlp_env(monkeypatch, refusing.url)
+            assert ctxtrace.instrument(log_rate_window="off")
+            agent = _agent.current()
+            assert agent is not None
+            _double_pop(app)
+            ctxtrace.uninstrument()
+        finally:
+            refusing.close()
+        counts = agent.errors.counts()
+        assert counts["exporter.traces.otlp"] >= 1
+        assert counts["exporter.metrics.otlp"] >= 1
+        logged = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        components = [e["component"] for e in logged if e["event"] == "ctxtrace.internal_error"]
+        assert sorted(components) == ["exporter.metrics.otlp", "exporter.traces.otlp"]
+
+
+class TestPrometheusEndpoint:
+    def test_first_free_port_target_file_and_names(
+        self, instrumented: Any, app: Flask, tmp_path: Path, clean_otel_env: None
+    ) -> None:
+        """Per worker: the first free port of the range, a file_sd entry, Prometheus names."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            first = taken.getsockname()[1]
+            instrumented(
+                metrics="prometheus",
+                prometheus_port=f"{first}-{first + 20}",
+                prometheus_targets_dir=str(tmp_path),
+            )
+            agent = _agent.current()
+            assert agent is not None
+            emitter = next(e for e in agent.emitters if isinstance(e, _metrics.MetricsEmitter))
+            assert emitter.private is not None and emitter.private.endpoint is not None
+            endpoint = emitter.private.endpoint
+            assert first < endpoint.port <= first + 20
+        client = app.test_client()
+        for _ in range(2):
+            client.get("/")
+        _double_pop(app)
+        with pytest.raises(RuntimeError):
+            current_app.name  # noqa: B018 - the failed access is the point
+
+        target = tmp_path / _prometheus.target_file_name(agent.worker)
+        assert json.loads(target.read_text()) == [
+            {"targets": [f"127.0.0.1:{endpoint.port}"], "labels": {"worker": agent.worker}}
+        ]
+        url = f"http://127.0.0.1:{endpoint.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        names = {name for name, _ in samples}
+        for name in (
+            "ctxtrace_context_duration_seconds_bucket",
+            "ctxtrace_context_duration_seconds_sum",
+            "ctxtrace_context_duration_seconds_count",
+            "ctxtrace_contexts_active",
+            "ctxtrace_context_depth_max",
+            "ctxtrace_contexts_total",
+            "ctxtrace_anomalies_total",
+            "ctxtrace_out_of_context_access_total",
+            "ctxtrace_dropped_total",
+        ):
+            assert name in names, name
+
+        def sample(name: str, **labels: str) -> float:
+            key = (name, tuple(sorted({**labels, "worker": agent.worker}.items())))
+            return samples[key]
+
+        assert sample("ctxtrace_contexts_total", kind="request", app="shop") == 2
+        assert sample("ctxtrace_contexts_total", kind="app", app="shop") == 3
+        assert sample("ctxtrace_context_duration_seconds_count", kind="app", app="shop") == 3
+        assert sample(
+            "ctxtrace_context_duration_seconds_bucket", kind="app", app="shop", le="+Inf"
+        ) == 3
+        assert sample(
+            "ctxtrace_anomalies_total", anomaly="double_pop", kind="app", app="shop"
+        ) == 1
+        assert sample(
+            "ctxtrace_out_of_context_access_total", proxy="current_app", phase="runtime"
+        ) == 1
+        assert sample("ctxtrace_dropped_total", what="context") == 0
+
+        ctxtrace.uninstrument()
+        assert not target.exists()
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", endpoint.port), 1):
+            pass
+
+    def test_stale_target_files_are_removed(
+        self, instrumented: Any, tmp_path: Path, clean_otel_env: None
+    ) -> None:
+        """Files of dead workers on this host go; live ones and other hosts' stay."""
+        dead = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True, text=True, check=True, timeout=30,
+        )
+        dead_pid = int(dead.stdout)
+        host = socket.gethostname().split(".", 1)[0][:40]
+
+        def target(worker: str) -> Path:
+            path = tmp_path / _prometheus.target_file_name(worker)
+            path.write_text(json.dumps(
+                [{"targets": ["127.0.0.1:1"], "labels": {"worker": worker}}]
+            ))
+            return path
+
+        stale = target(f"{host}:{dead_pid}:gunicorn")
+        alive = target(f"{host}:{os.getppid()}:gunicorn")
+        elsewhere = target(f"other-host:{dead_pid}:gunicorn")
+        unrelated = tmp_path / "hand-written.json"
+        unrelated.write_text('[{"targets": ["10.0.0.1:9100"]}]')
+        instrumented(
+            metrics="prometheus", prometheus_port="0", prometheus_targets_dir=str(tmp_path)
+        )
+        assert not stale.exists()
+        assert alive.exists() and elsewhere.exists() and unrelated.exists()
+
+    def test_no_free_port_is_counted(
+        self, instrumented: Any, app: Flask, clean_otel_env: None
+    ) -> None:
+        """A range with no free port: ctxtrace runs on, the failure is counted."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            instrumented(metrics="prometheus", prometheus_port=str(port))
+        agent = _agent.current()
+        assert agent is not None
+        assert agent.errors.counts() == {"exporter.metrics.prometheus": 1}
+        with app.app_context():
+            pass
+
+
+def test_embedded_default_exports_no_spans(app: Flask, clean_otel_env: None) -> None:
+    """Nothing configured: metrics on the local endpoint, no span leaves the process.
+
+    (Only the port is set, to 0, so that the test cannot collide with anything.)
+    """
+    assert ctxtrace.instrument(prometheus_port="0")
+    agent = _agent.current()
+    assert agent is not None
+    spans = next(e for e in agent.emitters if isinstance(e, _spans.SpanEmitter))
+    emitter = next(e for e in agent.emitters if isinstance(e, _metrics.MetricsEmitter))
+    assert spans.private is None and spans._tracer is None
+    assert emitter.private is not None and emitter.private.endpoint is not None
+    assert emitter.private.push_readers == []
+    _double_pop(app)
+    assert agent.errors.counts() == {}
+
+
+def test_sigterm_flushes_before_the_process_goes(receiver: Receiver) -> None:
+    """A plain process killed by SIGTERM still delivers its spans, then dies of SIGTERM."""
+    script = (
+        "import sys, time, ctxtrace\n"
+        "from flask import Flask\n"
+        "ctxtrace.instrument()\n"
+        "app = Flask('shop')\n"
+        "ctx = app.app_context(); ctx.push(); ctx.pop()\n"
+        "try:\n    ctx.pop()\nexcept LookupError:\n    pass\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    env = {
+        **os.environ,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "CTXTRACE_METRICS": "none",
+    }
+    with subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "ready"
+            assert receiver.spans() == []  # still in the batch processor's queue
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == -signal.SIGTERM
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait(5)
+    wait_until(receiver.spans, timeout=5, what="the flushed span")
+    assert [span.name for _, span in receiver.spans()] == ["flask.app_context"]

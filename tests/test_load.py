@@ -1,0 +1,297 @@
+"""Load: 16 client threads through real servers, a seeded share of the requests going wrong.
+
+Each wrong request (``tests/fixtures/load_app.py``) makes exactly one anomaly; the
+clean ones make none. The checks are exact: every anomaly once, each attributed
+to its kind of request, nothing on the clean ones, and the ledger's push and pop
+counters equal to what Flask did for the requests the driver sent.
+
+gevent: the same traffic through ``gunicorn -k gevent``, where every request and
+every "thread" is a greenlet with contextvars of its own. Supported means what
+this test checks: the same exact counts as with real threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import http.client
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from werkzeug.serving import make_server
+
+from ctxtrace import _agent
+
+from ._servers import REPO, free_port, stop, wait_until
+from .fixtures import load_app
+
+THREADS = 16
+PER_THREAD = 150
+SEED = 8
+#: Percent of requests of each kind.
+WEIGHTS = {"ok": 70, "leak": 6, "wrong": 6, "double": 6, "foreign": 6, "ooca": 6}
+#: Per request, and for a whole run: every wait is bounded.
+REQUEST_TIMEOUT_S = 10.0
+RUN_TIMEOUT_S = 120.0
+BIN = Path(sys.executable).parent
+
+Plan = list[list[tuple[str, int]]]
+
+
+def make_plan(seed: int = SEED) -> Plan:
+    """Per client thread, the requests it sends: (kind, number)."""
+    rng = random.Random(seed)
+    kinds, weights = list(WEIGHTS), list(WEIGHTS.values())
+    plan: Plan = []
+    n = 0
+    for _ in range(THREADS):
+        requests = []
+        for kind in rng.choices(kinds, weights, k=PER_THREAD):
+            requests.append((kind, n))
+            n += 1
+        plan.append(requests)
+    return plan
+
+
+def _path(kind: str, n: int) -> str:
+    return f"/ok/{n}" if kind == "ok" else f"/{kind}"
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def drive(port: int, plan: Plan) -> list[tuple[str, int, int, str]]:
+    """Send every planned request from its own client thread; (kind, n, status, body)."""
+    results: list[tuple[str, int, int, str]] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client(requests: list[tuple[str, int]]) -> None:
+        try:
+            for kind, n in requests:
+                status, body = get(port, _path(kind, n))
+                with lock:
+                    results.append((kind, n, status, body))
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    clients = [
+        threading.Thread(target=client, args=(requests,), name=f"load-client-{i}")
+        for i, requests in enumerate(plan)
+    ]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in clients), "clients still running at the deadline"
+    assert errors == []
+    return results
+
+
+def check_responses(plan: Plan, results: list[tuple[str, int, int, str]]) -> None:
+    """Every request answered, 200, with the body its kind gives without ctxtrace."""
+    assert len(results) == THREADS * PER_THREAD
+    wrong = [
+        (kind, n, status, body)
+        for kind, n, status, body in results
+        if (status, body) != (200, load_app.expected_body(kind, n))
+    ]
+    assert wrong == []
+
+
+def check_events(plan: Plan, events: list[dict[str, Any]]) -> None:
+    """Exactly one anomaly per wrong request, of its kind; none for the clean ones."""
+    sent = collections.Counter(kind for requests in plan for kind, _ in requests)
+    found = collections.Counter((e["name"], e["kind"]) for e in events)
+    expected = collections.Counter(
+        {(load_app.ANOMALY[kind], kind): count for kind, count in sent.items() if kind != "ok"}
+    )
+    assert found == expected, [e["text"] for e in events if e["kind"] in (None, "ok")][:5]
+    # Once each: the anomalies of one request, or of one context, are never repeated.
+    for name in ("leaked", "wrong_pop"):
+        units = [e["request_unit"] for e in events if e["name"] == name]
+        assert None not in units
+        assert len(set(units)) == len(units)
+    contexts = [e["context_id"] for e in events if e["context_id"] is not None]
+    assert len(set(contexts)) == len(contexts)
+
+
+def check_counts(plan: Plan, counts: dict[str, int], merged: bool, extra: list[str]) -> None:
+    """The ledger counted every push and pop Flask did, no more (``extra``: probes)."""
+    kinds = [kind for requests in plan for kind, _ in requests] + extra
+    expected = load_app.expected_counts(kinds, merged)
+    assert {k: counts[k] for k in expected} == expected
+
+
+# -- threads ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def werkzeug_server(app: Any) -> Iterator[int]:
+    """werkzeug's threaded server (a thread per request) on a free loopback port."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="load-server")
+    thread.start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(REQUEST_TIMEOUT_S)
+
+
+def _wait_for_request_threads() -> None:
+    """Request threads answer before their last line runs; let them all end."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S
+    for thread in threading.enumerate():
+        if "process_request_thread" in thread.name:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def test_threaded_server_counts_every_anomaly_once(instrumented: Any) -> None:
+    """2400 requests from 16 threads, 30 % going wrong: exact anomalies and counters."""
+    recorder = instrumented()
+    agent = _agent.current()
+    assert agent is not None
+    app = load_app.create_app()
+    plan = make_plan()
+    with werkzeug_server(app) as port:
+        results = drive(port, plan)
+    _wait_for_request_threads()
+    # What the watchdog does; it must not find anything the requests did not.
+    agent.sweep()
+    check_responses(plan, results)
+    events = [d for d in map(load_app.describe, recorder.events) if d is not None]
+    check_events(plan, events)
+    snapshot = agent.ledger.snapshot()
+    counts = {
+        f"{kind}_{what}": sum(getattr(s, what) for s in snapshot if s.kind == kind)
+        for kind in ("app", "request")
+        for what in ("pushes", "pops")
+    }
+    check_counts(plan, counts, agent.shape.merged, extra=[])
+    assert int(repr(agent.ledger.dropped_contexts)[6:-1]) == 0
+    assert agent.errors.counts() == {}
+    # The leaked contexts died with their request threads: nothing is tracked any more.
+    assert agent.ledger.live_count() == 0
+
+
+def test_the_plan_mixes_every_kind() -> None:
+    """The seeded plan sends each kind of request, the clean ones most."""
+    sent = collections.Counter(kind for requests in make_plan() for kind, _ in requests)
+    assert set(sent) == set(load_app.KINDS)
+    assert sent["ok"] > THREADS * PER_THREAD // 2
+    assert min(sent.values()) > 50
+
+
+# -- gevent -----------------------------------------------------------------
+
+needs_gevent = pytest.mark.skipif(
+    importlib.util.find_spec("gevent") is None,
+    reason="gevent is not installed (pip install gevent): gunicorn's gevent worker is untested",
+)
+
+
+@pytest.fixture(scope="module")
+def gevent_probe() -> dict[str, Any]:
+    """What ``tests/fixtures/gevent_leaks.py`` reports, run once in a process of its own."""
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "fixtures" / "gevent_leaks.py")],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("CTXTRACE_", "OTEL_"))},
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return result
+
+
+@needs_gevent
+def test_gevent_leaks_in_threads_and_greenlets_are_reported(gevent_probe: dict[str, Any]) -> None:
+    """Under monkey-patching, a leak in a patched thread and in a bare greenlet: one each."""
+    leaks = sorted((leak["thread"], leak["reason"]) for leak in gevent_probe["leaked"])
+    assert len(leaks) == 2
+    # A patched thread is a unit: its leak is found when its ``run`` ends.
+    assert leaks[1] == ("patched-thread", "unit_end")
+    # A bare greenlet is not; gevent gives it a stand-in thread, and the watchdog
+    # finds its leak once the context is collected.
+    assert leaks[0][0].startswith("Dummy-")
+    assert leaks[0][1] == "collected"
+    assert gevent_probe["others"] == []
+    assert gevent_probe["live"] == 0
+    assert gevent_probe["internal_errors"] == {}
+
+
+@needs_gevent
+def test_threads_integration_installs_under_gevent(gevent_probe: dict[str, Any]) -> None:
+    """gevent's patched Thread inherits ``start``: the threads integration still installs."""
+    assert gevent_probe["internal_errors"] == {}
+
+
+@needs_gevent
+def test_gunicorn_gevent_worker_counts_every_anomaly_once(tmp_path: Path) -> None:
+    """The same traffic through ``gunicorn -k gevent``: greenlets count as threads do."""
+    port, events_file, log = free_port(), tmp_path / "events.jsonl", tmp_path / "gunicorn.log"
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("CTXTRACE_", "OTEL_")) and k != "PYTHONPATH"
+    }
+    env[load_app.EVENTS_ENV] = str(events_file)
+    command = [
+        str(BIN / "gunicorn"), "-k", "gevent", "-w", "1", "--worker-connections", "200",
+        "--no-control-socket", "--graceful-timeout", "5", "-b", f"127.0.0.1:{port}",
+        "tests.fixtures.load_app:app",
+    ]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    probes: list[str] = []
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                pytest.fail(f"gunicorn exited: {log.read_text()[-2000:]}", pytrace=False)
+            try:
+                status, _ = get(port, "/ok/0")
+            except OSError:
+                return False
+            probes.append("ok")
+            return status == 200
+
+        wait_until(ready, timeout=30, what="gunicorn's gevent worker")
+        plan = make_plan()
+        results = drive(port, plan)
+        status, body = get(port, "/_stats")
+    finally:
+        stop(process, grace=10, group=True)
+    assert status == 200, log.read_text()[-2000:]
+    stats = json.loads(body)
+    assert stats["instrumented"] is True
+    check_responses(plan, results)
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    check_events(plan, events)
+    # The stats request itself is pushed (and counted) but not popped yet.
+    stats["request_pops"] += 1
+    stats["app_pops"] += 0 if stats["merged"] else 1
+    check_counts(plan, stats, stats["merged"], extra=[*probes, "ok"])
+    assert stats["dropped"] == 0
+    assert stats["internal_errors"] == {}

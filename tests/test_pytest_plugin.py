@@ -1,0 +1,233 @@
+"""The pytest plugin, run in real pytest sessions (pytester, each in a subprocess)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+SUITE = textwrap.dedent(
+    """
+    import threading
+
+    import flask
+    import pytest
+    from flask import Flask, current_app
+
+    import ctxtrace
+
+    app = Flask("plugin-shop")
+
+
+    def test_clean():
+        with app.app_context():
+            assert current_app.name == "plugin-shop"
+
+
+    def test_leaks():
+        app.app_context().push()  # site: leak
+
+
+    def test_next_test_starts_clean():
+        assert not flask.has_app_context()
+
+
+    def test_thread_reads_config():
+        def job():
+            try:
+                current_app.config["DEBUG"]  # site: access
+            except RuntimeError:
+                pass
+        thread = threading.Thread(target=job, name="mailer")
+        thread.start()
+        thread.join()
+
+
+    @pytest.mark.ctxtrace_allow("leaked")
+    def test_leaks_on_purpose():
+        app.app_context().push()
+
+
+    @pytest.mark.ctxtrace_allow
+    def test_anything_goes():
+        app.app_context().push()
+        try:
+            current_app.name
+        except RuntimeError:
+            pass
+
+
+    def test_sees_the_instrumentation():
+        print("instrumented:", ctxtrace.is_instrumented())
+    """
+)
+
+
+def line(marker: str) -> int:
+    """The line of a marker in the file pytester writes (it drops the leading newline)."""
+    for number, text in enumerate(SUITE.strip("\n").splitlines(), start=1):
+        if text.rstrip().endswith(f"# site: {marker}"):
+            return number
+    raise LookupError(marker)
+
+
+def test_inert_unless_enabled(pytester: pytest.Pytester) -> None:
+    """Installed but not enabled: nothing is instrumented and nothing fails."""
+    pytester.makepyfile(test_suite=SUITE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+    result.assert_outcomes(passed=6, failed=1)  # the next test sees the leak: no repair
+    result.stdout.fnmatch_lines(["*instrumented: False*"])
+    result.stdout.no_fnmatch_line("*ctxtrace:*")
+
+
+def test_enabled_by_option_fails_leaks_and_accesses(pytester: pytest.Pytester) -> None:
+    """--ctxtrace: a leak errors at teardown, an access fails the test; both name the site."""
+    pytester.makepyfile(test_suite=SUITE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--ctxtrace")
+    # test_leaks passes its call and errors at teardown, when the leak is known.
+    result.assert_outcomes(passed=6, failed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_leaks*",
+            "*ctxtrace: leaked: app context of app 'plugin-shop' pushed at "
+            f"test_suite.py:{line('leak')} in test_leaks (thread MainThread) is still pushed "
+            "when test test_suite.py::test_leaks ended; ctxtrace popped it after the test*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*FAILED test_suite.py::test_thread_reads_config*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*ctxtrace: out_of_context_access: current_app used with no context at "
+            f"test_suite.py:{line('access')} in test_thread_reads_config.<locals>.job "
+            "(runtime, thread mailer, unit thread mailer, started by test "
+            "test_suite.py::test_thread_reads_config): RuntimeError: Working outside of "
+            "application context.*",
+        ]
+    )
+    result.stdout.fnmatch_lines(["ctxtrace: checking every test*"])
+    result.stdout.fnmatch_lines(["*instrumented: True*"])
+
+
+def test_enabled_by_ini(pytester: pytest.Pytester) -> None:
+    """``ctxtrace = true`` in the ini file turns it on, as --ctxtrace does."""
+    pytester.makeini("[pytest]\nctxtrace = true\n")
+    pytester.makepyfile(test_suite=SUITE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6, failed=1, errors=1)
+
+
+def test_access_in_a_fixture_fails_the_setup(pytester: pytest.Pytester) -> None:
+    """An out-of-context access while fixtures are set up is an error at setup."""
+    pytester.makepyfile(
+        test_fixture="""
+        import pytest
+        from flask import current_app
+
+        @pytest.fixture
+        def settings():
+            try:
+                return current_app.config
+            except RuntimeError:
+                return {}
+
+        def test_uses_settings(settings):
+            assert settings == {}
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ctxtrace")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_uses_settings*",
+            "ctxtrace: out_of_context_access: current_app used with no context at "
+            "test_fixture.py:7 in settings (runtime, thread MainThread, unit test "
+            "test_fixture.py::test_uses_settings)*",
+        ]
+    )
+
+
+def test_contexts_of_broader_fixtures_are_not_a_tests_leak(pytester: pytest.Pytester) -> None:
+    """A module fixture keeps an app context pushed across tests: no test leaked it."""
+    pytester.makepyfile(
+        test_module_fixture="""
+        import pytest
+        from flask import Flask, current_app
+
+        app = Flask("module-ctx")
+
+        @pytest.fixture(scope="module")
+        def app_ctx():
+            with app.app_context():
+                yield
+
+        @pytest.fixture
+        def name(app_ctx):
+            return current_app.name
+
+        def test_first(name):
+            assert name == "module-ctx"
+
+        def test_second(app_ctx):
+            assert current_app.name == "module-ctx"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ctxtrace")
+    result.assert_outcomes(passed=2)
+
+
+def test_events_fixture_and_tests_that_manage_ctxtrace(pytester: pytest.Pytester) -> None:
+    """ctxtrace_events lists what the agent saw; a test that takes ctxtrace over is not judged."""
+    pytester.makepyfile(
+        test_events="""
+        import pytest
+        from flask import Flask, current_app
+
+        import ctxtrace
+
+        @pytest.mark.ctxtrace_allow("out_of_context_access")
+        def test_events(ctxtrace_events):
+            with pytest.raises(RuntimeError):
+                current_app.name
+            [access] = ctxtrace_events.accesses()
+            assert access.proxy == "current_app"
+            assert ctxtrace_events.anomalies() == []
+
+        def test_takes_over():
+            ctxtrace.uninstrument()
+            assert ctxtrace.instrument(metrics="none")
+            Flask("own").app_context().push()
+            ctxtrace.uninstrument()
+            from flask import globals as g
+            g._cv_app.get().pop()
+
+        def test_plugin_is_back(ctxtrace_events):
+            assert ctxtrace.is_instrumented()
+            assert len(ctxtrace_events) == 0
+        """
+    )
+    # Without --ctxtrace the fixture turns ctxtrace on for its own test only.
+    for options in ([], ["--ctxtrace"]):
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *options)
+        result.assert_outcomes(passed=3)
+
+
+def test_unknown_anomaly_in_the_marker_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    """A typo in ctxtrace_allow is reported, not silently allowed."""
+    pytester.makepyfile(
+        test_typo="""
+        import pytest
+
+        @pytest.mark.ctxtrace_allow("leak")
+        def test_typo():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ctxtrace")
+    result.stdout.fnmatch_lines(["*unknown anomaly 'leak' in @pytest.mark.ctxtrace_allow*"])
+    assert result.ret != 0
