@@ -308,19 +308,20 @@ def _known() -> str:
 
 
 def _shown(value: object) -> str:
+    """A default as the README shows it (``off``, ``9464-9564``, ``(none)``)."""
+    text = str(value)
     if value is None:
-        return "off"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, tuple):
-        if len(value) == 2 and all(isinstance(v, int) for v in value):
-            return f"{value[0]}-{value[1]}"
-        return ",".join(str(v) for v in value) or "(none)"
-    if value == "":
-        return "(empty)"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+        text = "off"
+    elif isinstance(value, bool):
+        text = text.lower()
+    elif isinstance(value, tuple):
+        pair = len(value) == 2 and all(isinstance(v, int) for v in value)
+        text = f"{value[0]}-{value[1]}" if pair else ",".join(map(str, value)) or "(none)"
+    elif isinstance(value, float) and value.is_integer():
+        text = str(int(value))
+    elif value == "":
+        text = "(empty)"
+    return text
 
 
 def markdown_table() -> str:
