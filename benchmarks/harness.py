@@ -44,7 +44,7 @@ def time_loop(body: Callable[[], object], loops: int) -> float:
 def run_cells(
     script: str, configs: Sequence[str], workloads: Sequence[str], rounds: int, loops: int
 ) -> list[Cell]:
-    """Run ``script --worker CONFIG WORKLOAD LOOPS`` for every cell, ``rounds`` times, interleaved."""
+    """Run ``script --worker CONFIG WORKLOAD LOOPS`` per cell, ``rounds`` times, interleaved."""
     samples: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
         for workload in workloads:

@@ -137,7 +137,7 @@ class _Driver:
     def __init__(
         self, agent: Any, leak_every: int, thread_leaks: int, task_life: int
     ) -> None:
-        from flask import Flask  # noqa: PLC0415 - imported late so --help stays instant
+        from flask import Flask
 
         self.agent = agent
         self.app = Flask("soak")
@@ -195,8 +195,8 @@ def soak(
     sweep_every: int = 100_000,
     sample_every: int = 10_000,
 ) -> SoakResult:
-    import ctxtrace  # noqa: PLC0415 - imported late so --help stays instant
-    from ctxtrace import _agent  # noqa: PLC0415
+    import ctxtrace
+    from ctxtrace import _agent
 
     assert ctxtrace.instrument(
         ledger_cap=cap, metrics="none", spans="off", sweep_interval=86_400, log_rate_window=60
@@ -247,7 +247,7 @@ def _result(
     seconds: float,
     warmup: int,
 ) -> SoakResult:
-    from ctxtrace._ledger import _count_of  # noqa: PLC0415
+    from ctxtrace._ledger import _count_of
 
     snapshot = agent.ledger.snapshot()
     after = [s for s in samples if s.contexts >= warmup] or samples[-1:]

@@ -267,8 +267,7 @@ class Ledger:
                 if thread.flight is not None:
                     thread.flight.append(("push", entry))
                 return
-            # A stale record: its object was freed and the id reused.
-            self._forget(entry)
+            self._retire_stale(entry)
         if len(self._live) >= self._cap:
             next(self.dropped_contexts)
             return
@@ -402,6 +401,16 @@ class Ledger:
             for owner in (entry[OWNER], culprit[OWNER])
         )
 
+    def _retire_stale(self, entry: _Entry) -> None:
+        """A record whose object was freed and whose id a new context reuses.
+
+        Freed while still pushed is a leak the sweep has not seen yet: report it now.
+        """
+        self._forget(entry)
+        if entry[REF]() is None and entry[COUNT] > 0 and not entry[FLAGS] & REPORTED:
+            entry[FLAGS] |= REPORTED
+            self._report("leaked", entry, None, reason="collected")
+
     def _lookup(self, ctx: object) -> _Entry | None:
         entry = self._live.get(id(ctx))
         if entry is not None and entry[REF]() is not ctx:
@@ -489,9 +498,13 @@ class Ledger:
             node = var.get()
             while node is not None:
                 entry = node[0]
+                owner = entry[OWNER]
                 if (
                     entry[UNIT] is unit
                     and not entry[FLAGS] & (STREAMING | REPORTED)
+                    # Before Flask 3.1 a streamed request keeps the app context it
+                    # pushed for itself until the stream closes.
+                    and not (owner is not None and owner[FLAGS] & STREAMING)
                     and all(entry is not e for e in leftovers)
                 ):
                     leftovers.append(entry)

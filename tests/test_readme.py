@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ctxtrace import ANOMALIES
 from ctxtrace._config import markdown_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -25,8 +26,6 @@ def test_configuration_table_matches_options() -> None:
 
 def test_every_anomaly_is_documented() -> None:
     """Each anomaly name of the contract has a row in the README."""
-    from ctxtrace import ANOMALIES
-
     text = README.read_text()
     for name in (*ANOMALIES, "out_of_context_access"):
         assert f"`ctxtrace.{name}`" in text, name

@@ -69,11 +69,6 @@ def test_every_tracked_leak_in_a_unit_is_reported_once(soak: dict[str, Any]) -> 
     assert soak["pops_tracked"] == soak["pushes_tracked"] - sum(tracked.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ctxtrace/_ledger.py push: a record whose context was collected and whose id is "
-    "reused by a new context is forgotten without reporting the leak",
-)
 def test_a_collected_leak_is_reported_even_when_its_id_is_reused(instrumented: Any) -> None:
     """Leaks outside any unit, collected before a sweep: each is still reported once."""
     recorder = instrumented(sweep_interval=3600)
