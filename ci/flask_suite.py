@@ -228,7 +228,7 @@ def parse_junit(path: Path) -> dict[str, list[tuple[str, str]]]:
         outcome, message = "passed", ""
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
-                outcome = child.tag
+                outcome = {"failure": "failed"}.get(child.tag, child.tag)
                 text = child.get("message") or ""
                 message = _ADDRESS.sub("0x?", text.splitlines()[0] if text else "")[:300]
         outcomes[key].append((outcome, message))

@@ -9,6 +9,7 @@ counts pushes in ``_push_count`` and refuses a bad pop before changing anything.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,10 +47,19 @@ class FlaskShape:
 
     def endpoint(self, ctx: Any) -> str | None:
         """The endpoint a dispatched request matched, read from Flask's routing only."""
-        request = getattr(ctx, "_request", None) if self.merged else getattr(ctx, "request", None)
-        rule = getattr(request, "url_rule", None)
-        endpoint = getattr(rule, "endpoint", None)
+        try:
+            request = ctx._request if self.merged else ctx.request
+            endpoint = request.url_rule.endpoint
+        except AttributeError:
+            return None
         return endpoint if isinstance(endpoint, str) else None
+
+    def top_var(self, kind: Kind) -> ContextVar[Any]:
+        """The ContextVar whose value is the top of the stack a context of ``kind`` is on."""
+        if kind == "request" and not self.merged:
+            request_var: ContextVar[Any] = vars(flask.globals)["_cv_request"]
+            return request_var
+        return flask.globals._cv_app
 
     def implicit_app_context(self, request_ctx: Any) -> Any:
         """The app context a request context pushed for itself on its last push."""

@@ -3,15 +3,29 @@
 This layer knows Flask and nothing else. Each wrapper calls the original exactly
 once and returns or raises exactly what it did; everything ctxtrace does around
 that call sits in ``try``/``except`` clauses that hand errors to the guard, so a
-bug here can never reach the application. On the success path the wrappers do
-the minimum: read Flask's push count, classify the caller, tell the ledger.
+bug here can never reach the application.
+
+The wrappers run on every request, so they are built for it: what they need is
+bound into closure locals when they are made, they take Flask's own signatures
+(``push(self)``, ``pop(self, exc=...)``; an unknown signature gets a generic
+wrapper), and they decide from Flask's own state. A pop of the context on top of
+Flask's stack is healthy and takes the short way; only a pop of anything else
+goes through the ledger's checks. The contexts Flask pushes to dispatch a
+request are recognised from the request's unit of work, not from frames: looking
+at frames costs about a microsecond inside a request (CPython must materialise
+them), so only pushes by user code pay for finding their line.
 """
 
 from __future__ import annotations
 
+import builtins
+import dis
+import inspect
 import re
 import sys
+import types
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Final
 
 import flask
@@ -25,13 +39,29 @@ from . import _sites, _units
 from ._events import Kind, Phase, Site
 from ._flaskshape import FlaskShape
 from ._guard import InternalErrors
-from ._ledger import Ledger
+from ._ledger import DISPATCHING, FINISHED, Ledger
 from ._patching import Patch
 
-# Marks a request unit whose dispatch push is under way.
-DISPATCHING: Final = object()
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_NAME: Final = 120
+_MAX_CACHED_APPS: Final = 256
+# Frames between ``_failed_lookup`` and the code that touched the proxy: through
+# a wrapper around the lookup, or through werkzeug's own lookup (see ``_with_failure_hook``).
+_ABOVE_WRAPPER: Final = 3
+_ABOVE_CLONE: Final = 4
+# On Flask's next release ``request`` and ``session`` read the app stack and raise
+# from the context itself when it carries no request: only a wrapper sees that.
+_REQUEST_PROXIES: Final = frozenset(("request", "session"))
+_CALL_OPS: Final = frozenset(("PRECALL", "CALL", "CALL_FUNCTION"))
+
+
+@dataclass(frozen=True, slots=True)
+class _AfterPush:
+    """What a push wrapper does once Flask's push returned; each guards its own errors."""
+
+    tracked: Callable[[Any, Any], None]
+    dispatched: Callable[[Any, Any], None]
+    for_request: Callable[[Any, Any], None]
 
 
 class Hooks:
@@ -84,8 +114,8 @@ class Hooks:
         if self.detect_access:
             for name, proxy in _proxies():
                 original = object.__getattribute__(proxy, "_get_current_object")
-                wrapper = self._wrap_lookup(original, name)
-                planned.append(Patch(proxy, "_get_current_object", wrapper, slot=True))
+                hooked = self._hook_lookup(original, name)
+                planned.append(Patch(proxy, "_get_current_object", hooked, slot=True))
         done: list[Patch] = []
         try:
             for patch in planned:
@@ -112,7 +142,7 @@ class Hooks:
         name = self._names.get(raw)
         if name is None:
             name = _CONTROL.sub("?", str(raw))[:_MAX_NAME] or "?"
-            if len(self._names) < 256:
+            if len(self._names) < _MAX_CACHED_APPS:
                 self._names[raw] = name
         return name
 
@@ -122,8 +152,6 @@ class Hooks:
         except Exception:
             return "app", "?"
 
-    # -- wrappers -----------------------------------------------------------
-
     def _stats(self, ctx: Any, kind: Kind) -> Any:
         """The ledger's counters for a context's (kind, app), cached per app (slow path)."""
         app = ctx.app
@@ -131,125 +159,389 @@ class Hooks:
         stats = cache.get(app)
         if stats is None:
             stats = self.ledger.stats_for(kind, self.app_name(app))
-            if len(cache) < 256:
+            if len(cache) < _MAX_CACHED_APPS:
                 cache[app] = stats
         return stats
+
+    # -- pushes -------------------------------------------------------------
 
     def _wrap_push(
         self, original: Callable[..., Any], fixed_kind: Kind | None
     ) -> Callable[..., Any]:
         """Wrap ``push``; ``fixed_kind`` is set when the class alone says the kind (Flask <= 3.1).
 
-        Flask's own pushes while dispatching are recognised from the unit of
-        work, not from the stack: looking at frames costs about a microsecond
-        inside a request (CPython must materialise them), so only pushes by
-        user code pay for finding their line. The first request context pushed
-        in a request unit is the dispatch; an app context pushed while that
-        push is under way is the one Flask <= 3.1 pushes for it.
+        The first request context pushed in a request unit is its dispatch; an
+        app context pushed while that push is under way is the one Flask <= 3.1
+        pushes for it. Both are handed to the ledger as the request's own; every
+        other push is tracked, with the line of user code that made it.
         """
+        after = self._after_push(fixed_kind)
+        if not _takes_only_self(original):
+            wrapper = self._push_any(original, fixed_kind, after)
+        elif fixed_kind == "app":
+            wrapper = self._push_app(original, after)
+        else:
+            wrapper = self._push_dispatching(original, fixed_kind, after)
+        _copy_names(wrapper, original)
+        return wrapper
+
+    def _after_push(self, fixed_kind: Kind | None) -> _AfterPush:
+        """What a push wrapper does once Flask's push returned, by what the push was."""
+        return _AfterPush(
+            self._tracking_step(fixed_kind), self._dispatch_step(), self._implicit_step()
+        )
+
+    def _tracking_step(self, fixed_kind: Kind | None) -> Callable[[Any, Any], None]:
         hooks = self
-        ledger = self.ledger
-        ledger_push = ledger.push
-        current_unit = ledger.current_unit
+        errors = self.errors
+        ledger_push = self.ledger.push
         kind_of = self.shape.kind
         slot = self.shape.slot(fixed_kind or "app")
         caller = _sites.caller
         user = _sites.USER
+        stream = _sites.STREAM
         suppressed = self.suppressed
         caches = self._stats_cache
+
+        def tracked(ctx: Any, unit: Any) -> None:
+            """An ordinary push: tracked, with the user line that made it."""
+            try:
+                kind = fixed_kind or kind_of(ctx)
+                stats = caches[kind].get(ctx.app) or hooks._stats(ctx, kind)
+                # 0 is ``caller``, 1 this function, 2 the wrapper, 3 who called push.
+                klass, site = caller(3)
+                if klass == user:
+                    if suppressed is None or not suppressed(site):
+                        ledger_push(ctx, stats, slot, site, False, unit)
+                else:
+                    ledger_push(ctx, stats, slot, None, klass == stream, unit)
+            except Exception as exc:
+                errors.record("hooks", exc)
+
+        return tracked
+
+    def _dispatch_step(self) -> Callable[[Any, Any], None]:
+        hooks = self
+        errors = self.errors
+        dispatch_pushed = self.ledger.dispatch_pushed
+        endpoint_of = self.shape.endpoint
+        request_stats = self._stats_cache["request"]
+        app_stats = self._stats_cache["app"]
+
+        def dispatched(ctx: Any, unit: Any) -> None:
+            """The request's own context (and Flask's app context for it): named by its endpoint."""
+            try:
+                app = ctx.app
+                stats = request_stats.get(app) or hooks._stats(ctx, "request")
+                implicit = unit.dispatch_app is not None
+                for_app = (app_stats.get(app) or hooks._stats(ctx, "app")) if implicit else None
+                dispatch_pushed(unit, ctx, stats, for_app, endpoint_of(ctx))
+            except Exception as exc:
+                errors.record("hooks", exc)
+
+        return dispatched
+
+    def _implicit_step(self) -> Callable[[Any, Any], None]:
+        hooks = self
+        errors = self.errors
+        dispatch_app_pushed = self.ledger.dispatch_app_pushed
+        tracks_dispatch = self.ledger.tracks_dispatch
+        app_stats = self._stats_cache["app"]
+
+        def for_request(ctx: Any, unit: Any) -> None:
+            """The app context Flask <= 3.1 pushes for the request it dispatches."""
+            try:
+                if tracks_dispatch:
+                    stats = app_stats.get(ctx.app) or hooks._stats(ctx, "app")
+                    dispatch_app_pushed(unit, ctx, stats)
+                else:
+                    # Counted with the request context, once that is pushed.
+                    unit.dispatch_app = ctx
+            except Exception as exc:
+                errors.record("hooks", exc)
+
+        return for_request
+
+    def _push_app(self, original: Callable[..., Any], after: _AfterPush) -> Callable[..., Any]:
+        """``AppContext.push`` before the merge: tracked, unless pushed for a request."""
+        hooks = self
+        errors = self.errors
+        unit_now = self.ledger.current_unit
+        tracked = after.tracked
+        for_request = after.for_request
+        tracks_dispatch = self.ledger.tracks_dispatch
+
+        def push(self: Any) -> Any:
+            if not hooks.active:
+                return original(self)
+            try:
+                unit: Any = unit_now()
+                pushed_for_request = unit is not None and unit.dispatch is DISPATCHING
+            except Exception as exc:
+                errors.record("hooks", exc)
+                return original(self)
+            result = original(self)
+            if not pushed_for_request:
+                tracked(self, unit)
+            elif tracks_dispatch:
+                for_request(self, unit)
+            else:
+                # ``for_request``, inlined: counted with the request context, once pushed.
+                unit.dispatch_app = self
+            return result
+
+        return push
+
+    def _push_dispatching(
+        self, original: Callable[..., Any], fixed_kind: Kind | None, after: _AfterPush
+    ) -> Callable[..., Any]:
+        """A class whose contexts can carry a request: the first in a request unit dispatches."""
+        hooks = self
+        errors = self.errors
+        unit_now = self.ledger.current_unit
+        kind_of = self.shape.kind
+        tracked = after.tracked
+        hooks_stats = self._stats
+        request_stats = self._stats_cache["request"]
+        app_stats = self._stats_cache["app"]
+        dispatch_pushed = self.ledger.dispatch_pushed
+        # Where the request object sits: a request context's ``request`` before the
+        # merge, an app context's ``_request`` after it.
+        merged = fixed_kind is None
+
+        def push(self: Any) -> Any:
+            if not hooks.active:
+                return original(self)
+            try:
+                unit: Any = unit_now()
+                dispatch = (
+                    unit is not None
+                    and unit.dispatch is None
+                    and unit.kind == "request"
+                    and (fixed_kind == "request" or kind_of(self) == "request")
+                )
+                if dispatch:
+                    unit.dispatch = DISPATCHING
+            except Exception as exc:
+                errors.record("hooks", exc)
+                return original(self)
+            if not dispatch:
+                result = original(self)
+                tracked(self, unit)
+                return result
+            try:
+                result = original(self)
+            except BaseException:
+                unit.dispatch = None
+                raise
+            # ``after.dispatched`` and ``FlaskShape.endpoint``, inlined: once per request.
+            try:
+                app = self.app
+                try:
+                    endpoint = (self._request if merged else self.request).url_rule.endpoint
+                except AttributeError:
+                    endpoint = None  # no rule matched
+                dispatch_pushed(
+                    unit,
+                    self,
+                    request_stats.get(app) or hooks_stats(self, "request"),
+                    None
+                    if unit.dispatch_app is None
+                    else app_stats.get(app) or hooks_stats(self, "app"),
+                    endpoint,
+                )
+            except Exception as exc:
+                errors.record("hooks", exc)
+            return result
+
+        return push
+
+    def _push_any(
+        self, original: Callable[..., Any], fixed_kind: Kind | None, after: _AfterPush
+    ) -> Callable[..., Any]:
+        """For a ``push`` whose signature is not Flask's known ``push(self)``."""
+        hooks = self
+        errors = self.errors
+        unit_now = self.ledger.current_unit
+        kind_of = self.shape.kind
+        app_only = fixed_kind == "app"
 
         def push(self: Any, *args: Any, **kwargs: Any) -> Any:
             if not hooks.active:
                 return original(self, *args, **kwargs)
             try:
-                kind = fixed_kind or kind_of(self)
-                unit = current_unit()
+                unit: Any = unit_now()
+                dispatching = unit is not None and unit.dispatch is DISPATCHING
                 dispatch = (
-                    kind == "request"
+                    not app_only
                     and unit is not None
                     and unit.dispatch is None
                     and unit.kind == "request"
+                    and (fixed_kind == "request" or kind_of(self) == "request")
                 )
-                if dispatch and unit is not None:
+                if dispatch:
                     unit.dispatch = DISPATCHING
             except Exception as exc:
-                hooks.errors.record("hooks", exc)
+                errors.record("hooks", exc)
                 return original(self, *args, **kwargs)
             try:
                 result = original(self, *args, **kwargs)
             except BaseException:
-                if dispatch and unit is not None:
+                if dispatch:
                     unit.dispatch = None
                 raise
-            try:
-                stats = caches[kind].get(self.app) or hooks._stats(self, kind)
-                if dispatch and unit is not None:
-                    unit.dispatch = self
-                    ledger_push(self, stats, slot, None)
-                    ledger.dispatched(
-                        self,
-                        _sites.endpoint_site(hooks.shape.endpoint(self) or "<unmatched>"),
-                        hooks.shape.implicit_app_context(self),
-                    )
-                elif unit is not None and unit.dispatch is DISPATCHING:
-                    ledger_push(self, stats, slot, None)
-                else:
-                    klass, site = caller(2)
-                    if klass == user:
-                        if suppressed is None or not suppressed(site):
-                            ledger_push(self, stats, slot, site)
-                    else:
-                        ledger_push(self, stats, slot, None, klass == _sites.STREAM)
-            except Exception as exc:
-                hooks.errors.record("hooks", exc)
+            if dispatch:
+                after.dispatched(self, unit)
+            elif app_only and dispatching:
+                after.for_request(self, unit)
+            else:
+                after.tracked(self, unit)
             return result
 
-        _copy_names(push, original)
         return push
+
+    # -- pops ---------------------------------------------------------------
 
     def _wrap_pop(
         self, original: Callable[..., Any], fixed_kind: Kind | None
     ) -> Callable[..., Any]:
-        hooks = self
-        ledger_pop = self.ledger.pop
-        count = self.shape.push_count
+        """Wrap ``pop``: Flask's top of stack, read first, says whether the pop is healthy.
+
+        A healthy pop (of the context on top) is told to the ledger after it. Any
+        other pop first lets the ledger give the request's own contexts records
+        (so its mirror holds the whole stack), and reports Flask's push counts
+        around the pop, which tell whether Flask refused it.
+        """
         slot = self.shape.slot(fixed_kind or "app")
+        top_of_stack = self.shape.top_var(fixed_kind or "app").get
+        if _takes_self_and_exc(original):
+            wrapper = self._pop(original, slot, top_of_stack)
+        else:
+            wrapper = self._pop_any(original, slot, top_of_stack)
+        _copy_names(wrapper, original)
+        return wrapper
+
+    def _pop(
+        self, original: Callable[..., Any], slot: str, top_of_stack: Callable[[Any], Any]
+    ) -> Callable[..., Any]:
+        """Flask's ``pop(self, exc=...)``; the default is passed on as is.
+
+        After a healthy pop: a request's own context is marked popped on its
+        unit (counted when the unit ends); the app context Flask <= 3.1 pushed
+        for it needs nothing (it is counted with the request's); any other
+        context needs the ledger only if it has a record.
+        """
+        hooks = self
+        errors = self.errors
+        ledger = self.ledger
+        popped = ledger.popped
+        records = ledger.records
+        unit_now = ledger.current_unit
+        ledger_pop = ledger.pop
+        promote = ledger.promote_current
+        count = self.shape.push_count
+        exc_default = _exc_default(original)
+        # Only contexts of this class can be a request's own (the first one it pushes).
+        carries_requests = slot == ledger.request_slot
+
+        def pop(self: Any, exc: Any = exc_default) -> Any:
+            if not hooks.active:
+                return original(self, exc)
+            try:
+                healthy = top_of_stack(None) is self
+                if not healthy:
+                    promote()
+                    before = count(self)
+            except Exception as error:
+                errors.record("hooks", error)
+                return original(self, exc)
+            if healthy:
+                try:
+                    return original(self, exc)
+                finally:
+                    try:
+                        unit = unit_now() if carries_requests else None
+                        if unit is not None and unit.dispatch is self:
+                            # Counted when the unit ends (``Ledger.end_unit``).
+                            unit.dispatch = FINISHED
+                        elif id(self) in records:
+                            popped(self, slot)
+                    except Exception as error:
+                        errors.record("hooks", error)
+            try:
+                return original(self, exc)
+            finally:
+                try:
+                    ledger_pop(self, slot, before, count(self))
+                except Exception as error:
+                    errors.record("hooks", error)
+
+        return pop
+
+    def _pop_any(
+        self, original: Callable[..., Any], slot: str, top_of_stack: Callable[[Any], Any]
+    ) -> Callable[..., Any]:
+        """For a ``pop`` whose signature is not Flask's known one."""
+        hooks = self
+        errors = self.errors
+        ledger = self.ledger
+        count = self.shape.push_count
 
         def pop(self: Any, *args: Any, **kwargs: Any) -> Any:
             if not hooks.active:
                 return original(self, *args, **kwargs)
             try:
+                healthy = top_of_stack(None) is self
+                if not healthy:
+                    ledger.promote_current()
                 before = count(self)
-            except Exception as exc:
-                hooks.errors.record("hooks", exc)
+            except Exception as error:
+                errors.record("hooks", error)
                 return original(self, *args, **kwargs)
             try:
                 return original(self, *args, **kwargs)
             finally:
                 try:
-                    ledger_pop(self, slot, before, count(self))
-                except Exception as exc:
-                    hooks.errors.record("hooks", exc)
+                    unit = ledger.current_unit()
+                    if not healthy:
+                        ledger.pop(self, slot, before, count(self))
+                    elif unit is not None and unit.dispatch is self:
+                        unit.dispatch = FINISHED
+                    else:
+                        ledger.popped(self, slot)
+                except Exception as error:
+                    errors.record("hooks", error)
 
-        _copy_names(pop, original)
         return pop
+
+    # -- units of work ------------------------------------------------------
 
     def _wrap_call(self, original: Callable[..., Any]) -> Callable[..., Any]:
         """``Flask.__call__`` is the unit of work for a request: it encloses middleware."""
         hooks = self
+        errors = self.errors
+        begin_request = self.ledger.begin_request
+        end_unit = self.ledger.end_unit
+        repair = self.repair
 
         def __call__(self: Any, environ: Any, start_response: Any) -> Any:
             if not hooks.active:
                 return original(self, environ, start_response)
             try:
-                unit, token = hooks.ledger.begin_unit("request", "request", check_stale=False)
+                unit = begin_request()
             except Exception as exc:
-                hooks.errors.record("hooks", exc)
+                errors.record("hooks", exc)
                 return original(self, environ, start_response)
             try:
                 return original(self, environ, start_response)
             finally:
-                hooks._end_unit(unit, token)
+                try:
+                    leftovers = end_unit(unit, unit.token, repair)
+                except Exception as exc:
+                    errors.record("hooks", exc)
+                else:
+                    for ctx in leftovers:
+                        hooks._repair(ctx)
 
         _copy_names(__call__, original)
         return __call__
@@ -275,6 +567,35 @@ class Hooks:
         """For integrations (tasks, commands, threads) that run their own units."""
         self._end_unit(unit, token)
 
+    # -- proxies ------------------------------------------------------------
+
+    def _hook_lookup(self, original: Callable[[], Any], proxy: str) -> Callable[[], Any]:
+        """What replaces a proxy's lookup: werkzeug's own code where possible.
+
+        A successful lookup is the hottest path of all (every ``g``, ``request``
+        and ``current_app`` use), so ctxtrace keeps out of it: the replacement
+        runs werkzeug's very code object, in which only the name ``RuntimeError``
+        is bound to a function that records the failure and builds the same
+        error. Where the lookup has another shape, or can fail inside the
+        context itself (``request`` on Flask's next release), a plain wrapper.
+        """
+        if not (self.shape.merged and proxy in _REQUEST_PROXIES):
+            hooks = self
+
+            def runtime_error(*args: Any) -> RuntimeError:
+                error = RuntimeError(*args)
+                if hooks.active:
+                    try:
+                        hooks._failed_lookup(proxy, error, _ABOVE_CLONE)
+                    except Exception as internal:
+                        hooks.errors.record("hooks", internal)
+                return error
+
+            clone = _with_failure_hook(original, runtime_error)
+            if clone is not None:
+                return clone
+        return self._wrap_lookup(original, proxy)
+
     def _wrap_lookup(self, original: Callable[[], Any], proxy: str) -> Callable[[], Any]:
         hooks = self
 
@@ -284,25 +605,102 @@ class Hooks:
             except RuntimeError as exc:
                 if hooks.active:
                     try:
-                        hooks._failed_lookup(proxy, exc)
+                        hooks._failed_lookup(proxy, exc, _ABOVE_WRAPPER)
                     except Exception as internal:
                         hooks.errors.record("hooks", internal)
                 raise
 
+        _copy_names(_get_current_object, original)
         return _get_current_object
 
-    def _failed_lookup(self, proxy: str, exc: RuntimeError) -> None:
-        caller = _caller_frame(3)
+    def _failed_lookup(self, proxy: str, exc: RuntimeError, above: int) -> None:
+        """A lookup failed; ``above`` frames up from here is the code that made it."""
+        caller = _caller_frame(above)
         if caller is not None and caller.f_code in self._lookup_codes:
             lookup = caller.f_locals.get("self")
             if getattr(lookup, "fallback", None) is not None:
                 # werkzeug answers this lookup itself (bool(current_app) is False).
                 return
-        _, site = _sites.caller(3)
+        _, site = _sites.caller(above)
         if self.suppressed is not None and self.suppressed(site):
             return
-        phase: Phase = "import" if _sites.is_import_time(3) else "runtime"
+        phase: Phase = "import" if _sites.is_import_time(above) else "runtime"
         self.ledger.access(proxy, site, phase, exc, parent_unit=_units.started_by.get())
+
+
+def _with_failure_hook(
+    lookup: Callable[[], Any], runtime_error: Callable[..., RuntimeError]
+) -> Callable[[], Any] | None:
+    """werkzeug's lookup function again, its ``RuntimeError`` name bound to ``runtime_error``.
+
+    Same code object and closure, so a successful lookup runs exactly what it
+    ran before. Only for a plain function whose globals it uses are builtins and
+    which only ever calls ``RuntimeError`` (never catches or compares it);
+    otherwise ``None``, and the caller wraps the lookup instead.
+    """
+    if not isinstance(lookup, types.FunctionType):
+        return None
+    code = lookup.__code__
+    module = lookup.__globals__
+    others = [name for name in code.co_names if name != "RuntimeError"]
+    if "RuntimeError" not in code.co_names or any(name in module for name in others):
+        return None
+    if not _only_calls(code, "RuntimeError"):
+        return None
+    namespace = {
+        "__builtins__": module.get("__builtins__", builtins),
+        "__name__": module.get("__name__"),
+        "RuntimeError": runtime_error,
+    }
+    clone = types.FunctionType(
+        code, namespace, lookup.__name__, lookup.__defaults__, lookup.__closure__
+    )
+    clone.__kwdefaults__ = lookup.__kwdefaults__
+    _copy_names(clone, lookup)
+    return clone
+
+
+def _only_calls(code: types.CodeType, name: str) -> bool:
+    """Whether every load of global ``name`` in ``code`` is called (and nothing else)."""
+    instructions = list(dis.get_instructions(code))
+    for index, instruction in enumerate(instructions):
+        if instruction.opname != "LOAD_GLOBAL" or not str(instruction.argval).endswith(name):
+            continue
+        following = (i.opname for i in instructions[index + 1 :])
+        first_other = next((op for op in following if not op.startswith("LOAD_")), None)
+        if first_other not in _CALL_OPS:
+            return False
+    return True
+
+
+def _takes_only_self(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` is ``def f(self)``, so a wrapper can skip ``*args`` packing."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(parameters) == 1 and parameters[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+
+def _takes_self_and_exc(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` is ``def f(self, exc=<default>)`` (Flask's ``pop``)."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return (
+        len(parameters) == 2
+        and all(p.kind is positional for p in parameters)
+        and parameters[1].name == "exc"
+        and parameters[1].default is not inspect.Parameter.empty
+    )
+
+
+def _exc_default(function: Callable[..., Any]) -> Any:
+    """The default of ``pop``'s ``exc``: passed on as is, Flask sees what it would have."""
+    defaults = getattr(function, "__defaults__", None)
+    return defaults[-1] if defaults else None
 
 
 def _caller_frame(depth: int) -> Any:

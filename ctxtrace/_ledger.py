@@ -6,6 +6,16 @@ keeps a mirror of Flask's context stacks and turns every way they go wrong into
 an event. It knows nothing of OpenTelemetry or logging and does no I/O, so it
 can be driven directly by property-based tests.
 
+The contexts Flask pushes itself to dispatch a request (the request context and,
+on Flask <= 3.1, the app context it pushes for itself) are the bulk of all
+pushes, and nearly always healthy. Unless something asks for every context's
+lifecycle, they get no record of their own: they are counted on the request's
+unit (pushes, pops, one push time) and the hook layer tells a healthy pop from
+Flask's own stack. The moment the stack may go wrong around them (a context
+pushed above them, a pop that is not of the top, the unit ending with them
+still pushed) they are *promoted*: given full records at their place in the
+mirror, after which every rule below applies to them as to any other context.
+
 The mirror stacks live in ContextVars, like Flask's own, so a push in one thread
 or asyncio task and a pop in another are seen the way Flask sees them. Nodes are
 immutable ``(entry, below, depth)`` tuples because a copied Context shares them.
@@ -13,15 +23,16 @@ immutable ``(entry, below, depth)`` tuples because a copied Context shares them.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 from ._events import (
     Anomaly,
@@ -41,6 +52,39 @@ from ._events import (
 _Node = tuple["_Entry", "_Node | None", int]
 _MAX_APPS: Final = 64
 OTHER_APP: Final = "other"
+#: The unit name of a request whose URL matched no rule.
+UNMATCHED: Final = "<unmatched>"
+
+
+class _Marker:
+    """A named sentinel for a unit's dispatch state."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+# ``_UnitState.dispatch`` is None before the request's own context is pushed,
+# DISPATCHING while Flask pushes it, the context itself while it is pushed and
+# untracked, FINISHED once popped so, and HANDED_OVER once it has a record of
+# its own. ``_UnitState.dispatch_app`` is None, or the app context Flask <= 3.1
+# pushed for the request (its pop is counted with the request context's, which
+# encloses it), or HANDED_OVER.
+DISPATCHING: Final = _Marker("dispatching")
+FINISHED: Final = _Marker("finished")
+HANDED_OVER: Final = _Marker("handed over")
+# Which of a request's own contexts an id or record is about.
+REQUEST_SIDE: Final = 0
+APP_SIDE: Final = 1
+
+
+def _is_context(state: object) -> bool:
+    """Whether a unit's dispatch state is a context (pushed, untracked), not a marker."""
+    return state is not None and state.__class__ is not _Marker
 
 
 def _count_of(counter: itertools.count[int]) -> int:
@@ -77,7 +121,10 @@ class _ThreadState:
         self.ident = current.ident or 0
         self.name = current.name
         self.thread: weakref.ref[threading.Thread] = weakref.ref(current)
-        self.flight: deque[tuple[str, _Entry]] | None = deque(maxlen=flight) if flight else None
+        # ``(op, entry)``, or a request unit standing for its untracked own contexts.
+        self.flight: deque[tuple[str, _Entry] | _UnitState] | None = (
+            deque(maxlen=flight) if flight else None
+        )
 
     def alive(self) -> bool:
         thread = self.thread()
@@ -85,22 +132,78 @@ class _ThreadState:
 
 
 class _UnitState:
-    """A unit of work while it runs; ``finished`` turns its leftovers stale."""
+    """A unit of work while it runs; ``finished`` turns its leftovers stale.
 
-    __slots__ = ("checked", "dispatch", "finished", "id", "kind", "name", "parent")
+    A request unit also carries the contexts Flask pushed to dispatch it while
+    they are untracked: ``dispatch`` and ``dispatch_app`` (see the markers
+    above; the hook layer sets DISPATCHING, the app context, and FINISHED when
+    Flask pops the request context from the top), and, set when the request
+    context is pushed, their counters, the push time and the thread. Their
+    depths, ids and full records wait in ``detail`` until something needs them.
+    """
 
-    def __init__(self, uid: int, kind: str, name: str, parent: _UnitState | None) -> None:
-        self.id = uid
+    __slots__ = (
+        "_id", "_ids", "_info", "app_stats", "checked", "detail", "dispatch", "dispatch_app",
+        "finished", "kind", "name", "parent", "pushed_ns", "stats", "thread", "token", "tracked",
+    )
+    # Set when the request context is pushed (read only once ``dispatch`` is a context).
+    stats: _Stats
+    app_stats: _Stats
+    thread: _ThreadState
+    pushed_ns: int
+    detail: _DispatchDetail | None
+
+    def __init__(
+        self,
+        ids: itertools.count[int],
+        kind: str,
+        name: str,
+        current: ContextVar[_UnitState | None],
+    ) -> None:
+        """A unit, made the current one of ``current``; ``ids`` numbers it when first asked."""
+        self._ids = ids
+        self._id = 0
+        self._info: Unit | None = None
         self.kind = kind
         self.name = name
-        self.parent = parent
+        self.parent = current.get()
+        self.token: Token[_UnitState | None] = current.set(self)
         self.finished = False
         self.checked = False
-        # For a request: the context Flask pushed to dispatch it, once pushed.
+        # Whether a tracked context was pushed in this unit: only then can it leave any.
+        self.tracked = False
         self.dispatch: object = None
+        self.dispatch_app: object = None
+
+    @property
+    def id(self) -> int:
+        """The unit's number, given on first use: most requests never need one."""
+        if not self._id:
+            self._id = next(self._ids)
+        return self._id
 
     def info(self) -> Unit:
-        return Unit(id=self.id, kind=self.kind, name=self.name)
+        """The unit as events carry it; made once per name (a request is named at dispatch)."""
+        info = self._info
+        if info is None or info.name != self.name:
+            info = self._info = Unit(id=self.id, kind=self.kind, name=self.name)
+        return info
+
+    def dispatch_live(self) -> bool:
+        """Whether the request's own context is pushed and has no record of its own."""
+        return _is_context(self.dispatch)
+
+
+class _DispatchDetail:
+    """What a request's untracked contexts need only when described: depths, ids, records."""
+
+    __slots__ = ("app_depth", "depth", "entries", "ids")
+
+    def __init__(self, depth: int = 1, app_depth: int = 1) -> None:
+        self.depth = depth
+        self.app_depth = app_depth
+        self.ids = [0, 0]
+        self.entries: tuple[_Entry, _Entry | None] | None = None
 
 
 # One tracked context object, however often it is pushed. A list, not a class:
@@ -173,9 +276,12 @@ class Ledger:
     """Live contexts of one process, per thread and Context, and their anomalies.
 
     ``emit`` receives every event; ``lifecycle`` asks for push/pop events too
-    (off on the fast path); ``capture`` is called at each push and its result
-    rides along in events (the telemetry layer keeps the OpenTelemetry context
-    there, so a late span can still have the right parent).
+    (off on the fast path; it also gives the contexts Flask pushes to dispatch
+    a request full records from their push); ``capture`` is called at each
+    tracked push and its result rides along in events (the telemetry layer
+    keeps the OpenTelemetry context there, so a late span can still have the
+    right parent). For a request's own context that gets its record after its
+    push, ``capture`` is called with that context as its one argument.
     """
 
     def __init__(
@@ -186,7 +292,7 @@ class Ledger:
         slots: Iterable[str] = ("app", "request"),
         repush_stacks: bool = True,
         lifecycle: bool = False,
-        capture: Callable[[], object] | None = None,
+        capture: Callable[..., object] | None = None,
         describe: Callable[[object], tuple[Kind, str]] = lambda ctx: ("app", ""),
         clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
@@ -200,13 +306,31 @@ class Ledger:
         self._stacks: dict[str, ContextVar[_Node | None]] = {
             slot: ContextVar(f"ctxtrace.stack.{slot}", default=None) for slot in slots
         }
+        # Where a request context sits: its own stack before the merge, the app stack after.
+        self.request_slot = "request" if "request" in self._stacks else "app"
+        self._request_var = self._stacks[self.request_slot]
+        self._app_var = self._stacks.get("app", self._request_var)
         self._unit: ContextVar[_UnitState | None] = ContextVar("ctxtrace.unit", default=None)
+        self._unit_ids = itertools.count(1)
+        #: The unit of work running in this Context, if any (the ContextVar's own ``get``:
+        #: every push asks, and a method around it would cost a Python call).
+        self.current_unit: Callable[[], _UnitState | None] = self._unit.get
+        #: A request starts (``Flask.__call__``): a unit, its token kept on it. Its
+        #: stale check waits for the dispatch, which names it after its endpoint.
+        self.begin_request: Callable[[], _UnitState] = functools.partial(
+            _UnitState, self._unit_ids, "request", "request", self._unit
+        )
         self._tls = threading.local()
         self._live: dict[int, _Entry] = {}
+        #: Which contexts have records, by ``id()``; read-only for the hook layer: a
+        #: healthy pop of anything else (bar a request's own) needs nothing from here.
+        self.records: Mapping[int, _Entry] = self._live
+        # Request units whose own contexts are pushed and untracked (see the module doc).
+        self._inflight: set[_UnitState] = set()
         self._stats: dict[tuple[str, str], _Stats] = {}
         self._stats_lock = threading.Lock()
+        self._endpoint_sites: dict[str, Site] = {}
         self._ids = itertools.count(1)
-        self._unit_ids = itertools.count(1)
         self.dropped_contexts = itertools.count()
         self.depth_max = 0
         self._detect = policy.detect
@@ -240,15 +364,32 @@ class Ledger:
                     )
         return stats
 
-    # -- pushes and pops --------------------------------------------------
+    @property
+    def tracks_dispatch(self) -> bool:
+        """Whether a request's own contexts get full records from their push."""
+        return self._lifecycle
+
+    # -- pushes and pops of tracked contexts --------------------------------
 
     def push(
-        self, ctx: object, stats: _Stats, slot: str, site: Site | None, streaming: bool = False
+        self,
+        ctx: object,
+        stats: _Stats,
+        slot: str,
+        site: Site | None,
+        streaming: bool,
+        unit: _UnitState | None,
     ) -> None:
         """Flask pushed ``ctx`` (counted in ``stats``, on stack ``slot``) from ``site``.
 
-        The hot path: one dictionary lookup, one list, one ContextVar set.
+        ``unit`` is the current unit of work. Pushed above a request's own
+        untracked contexts, ``ctx`` first gives those their records, so the
+        mirror holds the whole stack before anything can go wrong on it.
         """
+        if unit is not None:
+            unit.tracked = True
+            if unit.parent is not None or unit.dispatch_live():
+                self._promote_all(unit)
         try:
             thread: _ThreadState = self._tls.state
         except AttributeError:
@@ -276,7 +417,7 @@ class Ledger:
         depth = 1 if below is None else below[2] + 1
         entry = [
             next(self._ids), weakref.ref(ctx), stats, site, thread, self._clock(),
-            self._unit.get(), depth, 1, STREAMING if streaming else 0, None,
+            unit, depth, 1, STREAMING if streaming else 0, None,
             self._capture() if self._capture is not None else None,
         ]
         self._live[key] = entry
@@ -288,32 +429,69 @@ class Ledger:
         if self._lifecycle:
             self._emit(ContextPushed(_info(entry), entry[CARRY]))
 
-    def dispatched(self, ctx: object, site: Site, implicit: object | None) -> None:
-        """Flask pushed a request context while dispatching: name it and its unit.
+    def popped(self, ctx: object, slot: str) -> None:
+        """Flask popped ``ctx`` while it was on top of its stack: the healthy pop.
 
-        ``site`` is the request's endpoint. ``implicit`` is the app context the
-        request context pushed for itself (Flask <= 3.1): it shares the site,
-        and a wrong pop of it that follows from a wrong pop of the request is
-        not reported again. The unit now knows its name, so what earlier units
-        left on this thread is reported now.
+        The hook layer checks Flask's own stack before the pop, so nothing here
+        needs Flask's push counts: a pop of the context on top always takes effect.
         """
-        entry = self._lookup(ctx)
-        if entry is None:
+        key = id(ctx)
+        entry = self._live.get(key)
+        if entry is None or entry[REF]() is not ctx:
             return
-        entry[SITE] = site
-        if implicit is not None:
-            owned = self._lookup(implicit)
-            if owned is not None:
-                owned[OWNER] = entry
-                owned[SITE] = site
-        unit: _UnitState | None = entry[UNIT]
-        if unit is not None and unit.kind == "request" and not unit.finished:
-            unit.name = site.endpoint or unit.name
-            if not unit.checked:
-                self.check_stale(unit)
+        # Popped from the top of its own stack: in its own Context, so (bar a
+        # Context copied into another thread) on the thread that pushed it.
+        thread: _ThreadState = entry[THREAD]
+        if thread.flight is not None:
+            thread.flight.append(("pop", entry))
+        var = self._stacks[slot]
+        top = var.get()
+        if top is None or top[0] is not entry or entry[FLAGS] & ORPHANED:
+            # The mirror disagrees with Flask (the aftermath of an earlier mistake).
+            self._pop_slow(entry, var, top, thread, entry[COUNT], entry[COUNT] - 1)
+            return
+        # Before the merge each push has a node of its own; after it, a context
+        # stays on the stack until its last pop.
+        if self._repush_stacks or entry[COUNT] <= 1:
+            var.set(top[1])
+        entry[COUNT] -= 1
+        if entry[COUNT] <= 0:
+            # The common end of a context's life, inlined.
+            del self._live[key]
+            stats: _Stats = entry[STATS]
+            next(stats.pops)
+            duration = (self._clock() - entry[PUSHED]) / 1e9
+            stats.durations.append(duration)
+            if self._lifecycle:
+                self._emit(ContextPopped(_info(entry), duration, entry[CARRY]))
+
+    def _count_dispatch_pops(self, unit: _UnitState) -> None:
+        """Count the pops of a request's own contexts, popped from the top, untracked.
+
+        The hook layer marks the request context FINISHED when Flask pops it
+        from the top of its stack (no call into the ledger on that path); the
+        pops are counted and timed here, when the unit ends, microseconds later.
+        The app context Flask <= 3.1 pushed for the request was popped inside
+        that pop: had it not been on top, its pop would have given both records.
+        """
+        self._inflight.discard(unit)
+        duration = (self._clock() - unit.pushed_ns) / 1e9
+        stats = unit.stats
+        next(stats.pops)
+        stats.durations.append(duration)
+        implicit = unit.dispatch_app
+        if implicit is not None and implicit.__class__ is not _Marker:
+            app_stats = unit.app_stats
+            next(app_stats.pops)
+            app_stats.durations.append(duration)
 
     def pop(self, ctx: object, slot: str, before: int, after: int) -> None:
-        """Flask popped ``ctx``; ``before``/``after`` are its push counts around the pop."""
+        """Flask popped ``ctx``, which was not on top of its stack (or Flask refused).
+
+        ``before``/``after`` are Flask's push counts around the pop. The hook
+        layer calls ``promote_current`` before such a pop, so the mirror holds
+        every context of this Context's stack.
+        """
         key = id(ctx)
         entry = self._live.get(key)
         if entry is not None and entry[REF]() is not ctx:
@@ -323,7 +501,10 @@ class Ledger:
         except AttributeError:
             thread = self._thread()
         if entry is None:
-            if before == 0 and "double_pop" in self._detect:
+            owner = self._dispatching_unit(ctx)
+            if owner is not None:
+                self._foreign_dispatch_pop(owner, ctx, thread)
+            elif before == 0 and "double_pop" in self._detect:
                 self._report_unknown_double_pop(ctx, thread)
             return
         if thread.flight is not None:
@@ -332,20 +513,11 @@ class Ledger:
         top = var.get()
         if top is not None and top[0] is entry and before > 0 and not entry[FLAGS] & ORPHANED:
             if after < before:
-                # Before the merge each push has a node of its own; after it, a
-                # context stays on the stack until its last pop.
                 if self._repush_stacks or entry[COUNT] <= 1:
                     var.set(top[1])
                 entry[COUNT] -= 1
                 if entry[COUNT] <= 0:
-                    # The common end of a context's life, inlined.
-                    del self._live[key]
-                    stats: _Stats = entry[STATS]
-                    next(stats.pops)
-                    duration = (self._clock() - entry[PUSHED]) / 1e9
-                    stats.durations.append(duration)
-                    if self._lifecycle:
-                        self._emit(ContextPopped(_info(entry), duration, entry[CARRY]))
+                    self._finish(entry)
             return
         self._pop_slow(entry, var, top, thread, before, after)
 
@@ -436,6 +608,213 @@ class Ledger:
                 self._live.pop(key, None)
                 return
 
+    # -- the contexts Flask pushes to dispatch a request ---------------------
+
+    def dispatch_app_pushed(self, unit: _UnitState, ctx: object, stats: _Stats) -> None:
+        """Lifecycle mode: Flask <= 3.1 pushed an app context for the request it dispatches.
+
+        Otherwise the hook layer only notes it on the unit, for ``dispatch_pushed``.
+        """
+        self.push(ctx, stats, "app", None, False, unit)
+        unit.dispatch_app = ctx
+
+    def dispatch_pushed(
+        self,
+        unit: _UnitState,
+        ctx: object,
+        stats: _Stats,
+        app_stats: _Stats | None,
+        endpoint: object,
+    ) -> None:
+        """Flask pushed the request context that dispatches ``unit``, matched to ``endpoint``.
+
+        ``app_stats`` counts the app context Flask <= 3.1 pushed for it, if it
+        did. Counted, timed and put in the flight record (one record for the
+        request: it tells its pushes and pops), but not tracked, unless
+        lifecycle events are wanted. The unit now knows its name, so what
+        earlier units left on this thread is reported now.
+        """
+        unit.name = endpoint if endpoint.__class__ is str else UNMATCHED
+        if self._lifecycle:
+            self._dispatch_tracked(unit, ctx, stats)
+            return
+        try:
+            thread: _ThreadState = self._tls.state
+        except AttributeError:
+            thread = self._thread()
+        unit.dispatch = ctx
+        unit.stats = stats
+        unit.thread = thread
+        unit.pushed_ns = self._clock()
+        next(stats.pushes)
+        if app_stats is not None:
+            unit.app_stats = app_stats
+            next(app_stats.pushes)
+        self._inflight.add(unit)
+        if thread.flight is not None:
+            thread.flight.append(unit)
+        if not self._live:
+            # Nothing tracked anywhere, so nothing below: depth 1, nothing stale.
+            unit.detail = None
+            unit.checked = True
+            if not self.depth_max:
+                self.depth_max = 1
+        else:
+            self._dispatched_over(unit)
+
+    def _dispatched_over(self, unit: _UnitState) -> None:
+        """A request dispatched while contexts are tracked: its depth, and what is stale."""
+        below = self._request_var.get()
+        below_app = self._app_var.get()
+        detail = unit.detail = _DispatchDetail(
+            1 if below is None else below[2] + 1, 1 if below_app is None else below_app[2] + 1
+        )
+        deepest = max(detail.depth, detail.app_depth if unit.dispatch_app else 0)
+        if deepest > self.depth_max:  # noqa: PLR1730 - reads like the push path's
+            self.depth_max = deepest
+        self.check_stale(unit)
+
+    def _dispatch_tracked(self, unit: _UnitState, ctx: object, stats: _Stats) -> None:
+        """Lifecycle mode: the request context gets its record now, named by its endpoint."""
+        self.push(ctx, stats, self.request_slot, None, False, unit)
+        implicit = unit.dispatch_app
+        unit.dispatch = unit.dispatch_app = HANDED_OVER
+        self.dispatched(ctx, self._endpoint_site(unit.name), implicit)
+
+    def dispatched(self, ctx: object, site: Site, implicit: object | None) -> None:
+        """Flask pushed a request context while dispatching: name it and its unit.
+
+        ``site`` is the request's endpoint. ``implicit`` is the app context the
+        request context pushed for itself (Flask <= 3.1): it shares the site,
+        and a wrong pop of it that follows from a wrong pop of the request is
+        not reported again. The unit now knows its name, so what earlier units
+        left on this thread is reported now.
+        """
+        entry = self._lookup(ctx)
+        if entry is None:
+            return
+        entry[SITE] = site
+        if implicit is not None:
+            owned = self._lookup(implicit)
+            if owned is not None:
+                owned[OWNER] = entry
+                owned[SITE] = site
+        unit: _UnitState | None = entry[UNIT]
+        if unit is not None and unit.kind == "request" and not unit.finished:
+            unit.name = site.endpoint or unit.name
+            if not unit.checked:
+                self.check_stale(unit)
+
+    def promote_current(self) -> None:
+        """Give the request contexts under this Context's stack records (before a bad pop)."""
+        unit = self._unit.get()
+        if unit is not None and (unit.parent is not None or unit.dispatch_live()):
+            self._promote_all(unit)
+
+    def _promote_all(self, unit: _UnitState | None) -> None:
+        while unit is not None:
+            if unit.dispatch_live():
+                self._promote(unit)
+            unit = unit.parent
+
+    def _promote(self, unit: _UnitState) -> None:
+        """Track a request's own contexts from here on, at their place in the mirror.
+
+        Nothing tracked was pushed above them since their push (a push would
+        have promoted them first), so their place is the top of each stack.
+        Their pushes were counted already; their pops will be, as any other.
+        """
+        request, app = self._dispatch_entries(unit)
+        unit.dispatch = HANDED_OVER
+        if unit.dispatch_app is not None:
+            unit.dispatch_app = HANDED_OVER
+        unit.tracked = True
+        self._inflight.discard(unit)
+        placed = ((app, self._app_var), (request, self._request_var))
+        for entry, var in placed:
+            if entry is None or entry[FLAGS] & REPORTED:
+                continue
+            ctx = entry[REF]()
+            if ctx is None:
+                continue
+            below = var.get()
+            entry[DEPTH] = 1 if below is None else below[2] + 1
+            var.set((entry, below, entry[DEPTH]))
+            self._live[id(ctx)] = entry
+
+    def _detail(self, unit: _UnitState) -> _DispatchDetail:
+        detail = unit.detail
+        if detail is None:
+            detail = unit.detail = _DispatchDetail()
+        return detail
+
+    def _dispatch_entries(self, unit: _UnitState) -> tuple[_Entry, _Entry | None]:
+        """Full records for a request's own contexts, built once, on the first need."""
+        detail = self._detail(unit)
+        if detail.entries is not None:
+            return detail.entries
+        site = self._endpoint_site(unit.name)
+        capture = self._capture
+        request = [
+            self._dispatch_id(unit, REQUEST_SIDE), weakref.ref(unit.dispatch), unit.stats,
+            site, unit.thread, unit.pushed_ns, unit, detail.depth, 1, 0, None,
+            capture(unit.dispatch) if capture is not None else None,
+        ]
+        app: _Entry | None = None
+        implicit = unit.dispatch_app
+        if _is_context(implicit):
+            app = [
+                self._dispatch_id(unit, APP_SIDE), weakref.ref(implicit), unit.app_stats,
+                site, unit.thread, unit.pushed_ns, unit, detail.app_depth, 1, 0, request,
+                capture() if capture is not None else None,
+            ]
+        detail.entries = (request, app)
+        return detail.entries
+
+    def _dispatch_id(self, unit: _UnitState, side: int) -> int:
+        """ctxtrace's id for one of a request's own contexts, given when first asked."""
+        ids = self._detail(unit).ids
+        if not ids[side]:
+            ids[side] = next(self._ids)
+        return ids[side]
+
+    def _endpoint_site(self, endpoint: str) -> Site:
+        site = self._endpoint_sites.get(endpoint)
+        if site is None:
+            site = Site(file="", line=0, function="", endpoint=endpoint)
+            if len(self._endpoint_sites) < 4096:
+                self._endpoint_sites[endpoint] = site
+        return site
+
+    def _dispatching_unit(self, ctx: object) -> _UnitState | None:
+        """The running request whose untracked context ``ctx`` is, if any."""
+        unit = self._unit.get()
+        if unit is not None and (unit.dispatch is ctx or unit.dispatch_app is ctx):
+            return unit
+        for other in list(self._inflight):
+            if other.dispatch is ctx or other.dispatch_app is ctx:
+                return other
+        return None
+
+    def _foreign_dispatch_pop(
+        self, unit: _UnitState, ctx: object, thread: _ThreadState
+    ) -> None:
+        """A request's own context popped outside its Context: reported once, left pushed."""
+        request, app = self._dispatch_entries(unit)
+        entry = request if unit.dispatch is ctx else app
+        if entry is None:
+            return
+        if thread.flight is not None:
+            thread.flight.append(("pop", entry))
+        if not entry[FLAGS] & REPORTED:
+            entry[FLAGS] |= REPORTED
+            self._report("foreign_pop", entry, thread)
+
+    def _live_dispatch_entries(self, unit: _UnitState) -> list[_Entry]:
+        """The records of a running request's own contexts that are still pushed."""
+        request, app = self._dispatch_entries(unit)
+        return [request] if app is None or not _is_context(unit.dispatch_app) else [request, app]
+
     # -- units of work ----------------------------------------------------
 
     def begin_unit(
@@ -447,12 +826,10 @@ class Ledger:
         ``check_stale=False``, once the unit knows its name (a request learns
         its endpoint when its context is pushed) and at the latest when it ends.
         """
-        parent = self._unit.get()
-        unit = _UnitState(next(self._unit_ids), kind, name, parent)
-        token = self._unit.set(unit)
+        unit = _UnitState(self._unit_ids, kind, name, self._unit)
         if check_stale:
             self.check_stale(unit)
-        return unit, token
+        return unit, unit.token
 
     def check_stale(self, unit: _UnitState) -> None:
         """Report each context a finished unit left on this thread's stacks."""
@@ -474,17 +851,20 @@ class Ledger:
                     return
                 node = node[1]
 
-    def current_unit(self) -> _UnitState | None:
-        return self._unit.get()
-
     def end_unit(
-        self, unit: _UnitState, token: Token[_UnitState | None] | None, *, repair: bool = False
+        self, unit: _UnitState, token: Token[_UnitState | None] | None, repair: bool = False
     ) -> list[object]:
         """A unit ends: what it pushed and left pushed is leaked.
 
         Returns the leaked context objects, newest first, when ``repair`` asks
         for them to be popped.
         """
+        state = unit.dispatch
+        if state is FINISHED:
+            self._count_dispatch_pops(unit)
+        elif state is not None and state.__class__ is not _Marker:  # ``dispatch_live``, inlined
+            # The request's own context outlives it: give it a record, reported below.
+            self._promote(unit)
         if not unit.checked:
             self.check_stale(unit)
         unit.finished = True
@@ -493,6 +873,8 @@ class Ledger:
                 self._unit.reset(token)
         except ValueError:
             self._unit.set(unit.parent)
+        if not unit.tracked:
+            return []  # nothing of this unit's was ever on the mirror
         leftovers: list[_Entry] = []
         for var in self._stacks.values():
             node = var.get()
@@ -544,7 +926,6 @@ class Ledger:
         Runs off the request path (a watchdog thread), so it may walk every entry.
         """
         now = self._clock()
-        policy = self.policy
         for entry in list(self._live.values()):
             collected = entry[REF]() is None
             if collected or not entry[THREAD].alive():
@@ -555,14 +936,39 @@ class Ledger:
                         "leaked", entry, None, reason="collected" if collected else "thread_end"
                     )
                 continue
-            flags = entry[FLAGS]
-            if flags & LONG_REPORTED or (flags & STREAMING and not policy.long_lived_streaming):
-                continue
-            kind = entry[STATS].kind
-            limit = policy.long_lived_request_s if kind == "request" else policy.long_lived_app_s
-            if limit is not None and now - entry[PUSHED] > limit * 1e9:
-                entry[FLAGS] |= LONG_REPORTED
-                self._report("long_lived", entry, None)
+            self._check_age(entry, now)
+        for unit in list(self._inflight):
+            self._sweep_dispatch(unit, now)
+
+    def _check_age(self, entry: _Entry, now: int) -> None:
+        flags = entry[FLAGS]
+        policy = self.policy
+        if flags & LONG_REPORTED or (flags & STREAMING and not policy.long_lived_streaming):
+            return
+        kind = entry[STATS].kind
+        limit = policy.long_lived_request_s if kind == "request" else policy.long_lived_app_s
+        if limit is not None and now - entry[PUSHED] > limit * 1e9:
+            entry[FLAGS] |= LONG_REPORTED
+            self._report("long_lived", entry, None)
+
+    def _sweep_dispatch(self, unit: _UnitState, now: int) -> None:
+        """The sweep for a running request's untracked contexts: age, or a dead thread."""
+        if not unit.dispatch_live():
+            self._inflight.discard(unit)
+            return
+        if not unit.thread.alive():
+            self._inflight.discard(unit)
+            for entry in self._live_dispatch_entries(unit):
+                if not entry[FLAGS] & REPORTED:
+                    entry[FLAGS] |= REPORTED
+                    self._report("leaked", entry, None, reason="thread_end")
+            return
+        policy = self.policy
+        limits = [policy.long_lived_request_s, policy.long_lived_app_s]
+        age_s = (now - unit.pushed_ns) / 1e9
+        if any(limit is not None and age_s > limit for limit in limits):
+            for entry in self._live_dispatch_entries(unit):
+                self._check_age(entry, now)
 
     def finish_all(self) -> None:
         """At process exit, whatever is still pushed has leaked."""
@@ -571,10 +977,18 @@ class Ledger:
             if not entry[FLAGS] & REPORTED:
                 entry[FLAGS] |= REPORTED
                 self._report("leaked", entry, None, reason="exit")
+        for unit in list(self._inflight):
+            self._inflight.discard(unit)
+            if unit.dispatch_live():
+                for entry in self._live_dispatch_entries(unit):
+                    if not entry[FLAGS] & REPORTED:
+                        entry[FLAGS] |= REPORTED
+                        self._report("leaked", entry, None, reason="exit")
 
     def forget_all(self) -> None:
         """Drop every record (after fork: the parent's contexts are not ours)."""
         self._live.clear()
+        self._inflight.clear()
         for var in self._stacks.values():
             var.set(None)
         self._unit.set(None)
@@ -652,20 +1066,56 @@ class Ledger:
             )
         )
 
-    @staticmethod
-    def _flight(thread: _ThreadState) -> tuple[FlightRecord, ...]:
-        if thread.flight is None:
+    def _flight(self, thread: _ThreadState) -> tuple[FlightRecord, ...]:
+        flight = thread.flight
+        if flight is None:
             return ()
-        return tuple(
-            FlightRecord(
-                op="push" if op == "push" else "pop",
-                kind=entry[STATS].kind,
-                context_id=entry[ID],
-                site=entry[SITE],
-                thread_name=entry[THREAD].name,
-            )
-            for op, entry in list(thread.flight)
+        records: list[FlightRecord] = []
+        for item in list(flight):
+            if isinstance(item, _UnitState):
+                records.extend(self._request_flight(item))
+            else:
+                records.append(self._flight_record(*item))
+        return tuple(records[-(flight.maxlen or len(records)) :])
+
+    @staticmethod
+    def _flight_record(op: str, entry: _Entry) -> FlightRecord:
+        return FlightRecord(
+            op="push" if op == "push" else "pop",
+            kind=entry[STATS].kind,
+            context_id=entry[ID],
+            site=entry[SITE],
+            thread_name=entry[THREAD].name,
         )
+
+    def _request_flight(self, unit: _UnitState) -> list[FlightRecord]:
+        """The story of a request's own contexts, from its one flight record.
+
+        Their pushes; and their pops, if they were popped untracked (nothing
+        else can have happened on the thread in between: a push there would
+        have given them records, whose pops are then recorded as they happen).
+        """
+        site = self._endpoint_site(unit.name)
+        thread_name = unit.thread.name
+        sides = [(REQUEST_SIDE, unit.stats)]
+        if unit.dispatch_app is not None:
+            sides.insert(0, (APP_SIDE, unit.app_stats))
+        ops: list[Literal["push", "pop"]] = ["push"]
+        if unit.dispatch is FINISHED:
+            ops.append("pop")
+        records: list[FlightRecord] = []
+        for op in ops:
+            for side, stats in sides if op == "push" else reversed(sides):
+                records.append(
+                    FlightRecord(
+                        op=op,
+                        kind=stats.kind,
+                        context_id=self._dispatch_id(unit, side),
+                        site=site,
+                        thread_name=thread_name,
+                    )
+                )
+        return records
 
     # -- reading ----------------------------------------------------------
 
@@ -675,6 +1125,15 @@ class Ledger:
         for entry in list(self._live.values()):
             key = (entry[STATS].kind, entry[STATS].app)
             active[key] = active.get(key, 0) + 1
+        for unit in list(self._inflight):
+            if not unit.dispatch_live():
+                continue
+            pushed = [unit.stats]
+            if _is_context(unit.dispatch_app):
+                pushed.append(unit.app_stats)
+            for stats in pushed:
+                key = (stats.kind, stats.app)
+                active[key] = active.get(key, 0) + 1
         return [
             StatsSnapshot(
                 kind=s.kind,
@@ -705,7 +1164,13 @@ class Ledger:
     def context_id(self, ctx: object) -> int | None:
         """ctxtrace's id for a tracked context, for log correlation."""
         entry = self._lookup(ctx)
-        return int(entry[ID]) if entry is not None else None
+        if entry is not None:
+            return int(entry[ID])
+        unit = self._dispatching_unit(ctx)
+        if unit is None:
+            return None
+        return self._dispatch_id(unit, REQUEST_SIDE if unit.dispatch is ctx else APP_SIDE)
 
     def live_count(self) -> int:
+        """How many contexts have records (a request's untracked own contexts do not)."""
         return len(self._live)

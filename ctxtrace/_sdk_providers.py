@@ -148,7 +148,6 @@ class PrivateTracing:
         self.provider.shutdown()
 
 
-
 def build_tracing(
     worker: str, environ: Mapping[str, str], record: RecordError
 ) -> PrivateTracing | None:

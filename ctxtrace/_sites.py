@@ -1,10 +1,13 @@
 """Finding the line of user code responsible for a push or an access.
 
-The walk runs on every push, so it is built to be cheap: each code object is
-classified once (library, user, Flask's own dispatch, a streaming generator) and
-the answer cached; the walk itself is a few dictionary lookups. ``Site``
-objects are cached per code object and line, so a hot push site allocates
-nothing after its first use.
+The walk runs on every push by user code, so it is built to be cheap: each code
+object is classified once (library, user, a streaming generator) and the answer
+cached; the walk itself is a few dictionary lookups. The caches are keyed by
+``id(code)`` and hold the code object itself, which keeps the id from being
+reused: hashing a code object hashes its constants and names on every lookup.
+User sites are cached per code object and instruction offset (``f_lasti``),
+because turning an offset into a line number scans the line table; a hot push
+site allocates nothing after its first use.
 """
 
 from __future__ import annotations
@@ -42,19 +45,23 @@ _LIBRARY_FILES: Final = (os.path.abspath(contextlib.__file__),)
 # are the culprits that `ctxtrace demo` points at.
 _USER_DIRS: Final = (os.path.join(_LIBRARY_DIRS[-1], "example") + os.sep,)
 
-_classes: dict[CodeType, int] = {}
-_sites: dict[CodeType, dict[int, Site]] = {}
+# id(code) -> (code, class, {f_lasti: (USER, site)} for user code).
+_Known = tuple[CodeType, int, dict[int, tuple[int, Site]] | None]
+_codes: dict[int, _Known] = {}
 _endpoint_sites: dict[str, Site] = {}
 _MAX_CACHED: Final = 4096
+_MAX_LINES: Final = 256
 _lock = threading.Lock()
+_LIBRARY_RESULT: Final = (LIBRARY, None)
+_STREAM_RESULT: Final = (STREAM, None)
 
 
 def mark(code: CodeType, klass: int) -> None:
     """Pin the class of a code object (Flask's stream helper)."""
-    _classes[code] = klass
+    _codes[id(code)] = (code, klass, {} if klass == USER else None)
 
 
-def _classify(code: CodeType) -> int:
+def _classify(code: CodeType) -> _Known:
     path = code.co_filename
     if path.startswith("<frozen importlib"):
         klass = LIBRARY
@@ -64,29 +71,39 @@ def _classify(code: CodeType) -> int:
             absolute.startswith(_LIBRARY_DIRS) and not absolute.startswith(_USER_DIRS)
         ) or absolute in _LIBRARY_FILES
         klass = LIBRARY if library else USER
-    if len(_classes) < _MAX_CACHED:
-        _classes[code] = klass
-    return klass
+    known: _Known = (code, klass, {} if klass == USER else None)
+    if len(_codes) < _MAX_CACHED:
+        with _lock:
+            known = _codes.setdefault(id(code), known)
+    return known
 
 
 def site_of(frame: FrameType) -> Site:
     """The (cached) site for the line a frame is executing."""
-    code, line = frame.f_code, frame.f_lineno
-    lines = _sites.get(code)
+    return _user_site(frame, _codes.get(id(frame.f_code)) or _classify(frame.f_code))[1]
+
+
+def _user_site(frame: FrameType, known: _Known) -> tuple[int, Site]:
+    """``(USER, site)`` for a frame of user code, built once per instruction offset."""
+    lines = known[2]
+    lasti = frame.f_lasti
     if lines is not None:
-        site = lines.get(line)
-        if site is not None:
-            return site
-    site = Site(
-        file=code.co_filename,
-        line=line,
-        function=getattr(code, "co_qualname", code.co_name),
-        module=str(frame.f_globals.get("__name__", "")),
+        found = lines.get(lasti)
+        if found is not None:
+            return found
+    code = frame.f_code
+    found = (
+        USER,
+        Site(
+            file=code.co_filename,
+            line=frame.f_lineno,
+            function=getattr(code, "co_qualname", code.co_name),
+            module=str(frame.f_globals.get("__name__", "")),
+        ),
     )
-    with _lock:
-        if len(_sites) < _MAX_CACHED:
-            _sites.setdefault(code, {})[line] = site
-    return site
+    if lines is not None and len(lines) < _MAX_LINES:
+        lines[lasti] = found
+    return found
 
 
 def endpoint_site(endpoint: str) -> Site:
@@ -106,23 +123,23 @@ def caller(depth: int) -> tuple[int, Site | None]:
 
     Returns ``(USER, site)`` for user code, ``(STREAM, None)`` when a streaming
     response is pushing, and ``(LIBRARY, None)`` when every frame is library code.
+    The tuples are cached: the common case allocates nothing.
     """
     frame: FrameType | None = sys._getframe(depth)
-    classes = _classes
+    codes = _codes
     while frame is not None:
         code = frame.f_code
-        klass = classes.get(code)
-        if klass is None:
-            klass = _classify(code)
+        known = codes.get(id(code)) or _classify(code)
+        klass = known[1]
         if klass == USER:
-            # The cache hit is inlined: this runs on every push.
-            lines = _sites.get(code)
-            site = lines.get(frame.f_lineno) if lines is not None else None
-            return USER, site if site is not None else site_of(frame)
+            # The cache hit is inlined: this runs on every push by user code.
+            lines = known[2]
+            found = lines.get(frame.f_lasti) if lines is not None else None
+            return found if found is not None else _user_site(frame, known)
         if klass != LIBRARY:
-            return klass, None
+            return _STREAM_RESULT
         frame = frame.f_back
-    return LIBRARY, None
+    return _LIBRARY_RESULT
 
 
 def is_import_time(depth: int) -> bool:

@@ -27,7 +27,7 @@ class LedgerNeeds:
     """Ledger constructor arguments the telemetry layer needs."""
 
     lifecycle: bool
-    capture: Callable[[], object] | None
+    capture: Callable[..., object] | None
 
 
 def ledger_needs(config: Config) -> LedgerNeeds:

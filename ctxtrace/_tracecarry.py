@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from contextvars import ContextVar
 from types import FrameType
 from typing import Any, Final
 
@@ -36,7 +37,23 @@ from opentelemetry.context import Context
 # (its ``_ENVIRON_SPAN_KEY``, unchanged since 0.20b0).
 OTEL_FLASK_SPAN_KEY: Final = "opentelemetry-flask.span_key"
 
-_get_current = otel_context.get_current
+
+
+def _current_getter() -> Any:
+    """How to read the current OpenTelemetry context at each push, as cheaply as possible.
+
+    With the default runtime context, the ContextVar's own ``get`` (what
+    ``get_current`` returns, without three Python calls in between); with any
+    other runtime context, ``get_current`` itself.
+    """
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    if type(runtime).__name__ == "ContextVarsRuntimeContext" and isinstance(var, ContextVar):
+        return var.get
+    return otel_context.get_current
+
+
+_get_current = _current_getter()
 # Flask <= 3.1 keeps request contexts on a stack of their own; later versions
 # put them on the app stack, as app contexts that carry a request.
 _request_var: Any = getattr(flask_globals, "_cv_request", None)
@@ -45,9 +62,17 @@ _REQUEST_CONTEXT: Any = vars(flask.ctx).get("RequestContext")
 _CTX_FILE: Final = flask.ctx.__file__
 
 
-def capture() -> object:
-    """Called by the ledger at each push: the OpenTelemetry context (and the request's)."""
+def capture(request_ctx: Any = None) -> object:
+    """Called by the ledger at each push: the OpenTelemetry context (and the request's).
+
+    ``request_ctx`` is given for a request context the ledger records only after
+    its push (it tracks the contexts Flask pushes to dispatch a request lazily):
+    the carry then names that request, as it would have at its push.
+    """
     current = _get_current()
+    if request_ctx is not None:
+        request = request_ctx.request if _request_var is not None else request_ctx._request
+        return (current, request.environ, request.url_rule)
     if _request_var is not None:
         ctx = _request_var.get(None)
         if ctx is None:

@@ -407,11 +407,6 @@ def test_proxy_lookup_raising_something_odd(error: BaseException, instrumented: 
     assert recorder.accesses() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ctxtrace/_hooks.py reports any RuntimeError from a proxy lookup, even with a "
-    "context pushed, and puts the exception's message into the event",
-)
 def test_runtime_error_from_a_lookup_with_a_context_is_not_out_of_context(
     instrumented: Any,
 ) -> None:

@@ -374,3 +374,57 @@ def test_sigterm_flushes_before_the_process_goes(receiver: Receiver) -> None:
             process.wait(5)
     wait_until(receiver.spans, timeout=5, what="the flushed span")
     assert [span.name for _, span in receiver.spans()] == ["flask.app_context"]
+
+
+def test_global_providers_are_used_and_kept() -> None:
+    """Providers the application set globally get ctxtrace's telemetry and stay in place;
+    no private provider and no endpoint of ctxtrace's own."""
+    script = """
+import json
+from flask import Flask
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+import ctxtrace
+from ctxtrace import _agent
+
+spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
+tracer_provider = TracerProvider()
+tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+meter_provider = MeterProvider(metric_readers=[reader])
+trace.set_tracer_provider(tracer_provider)
+metrics.set_meter_provider(meter_provider)
+ctxtrace.instrument()
+emitters = {e.name: e for e in _agent.current().emitters}
+app = Flask("shop")
+ctx = app.app_context(); ctx.push(); ctx.pop()
+try:
+    ctx.pop()
+except LookupError:
+    pass
+names = [m.name for rm in reader.get_metrics_data().resource_metrics
+         for sm in rm.scope_metrics for m in sm.metrics]
+print(json.dumps({
+    "same_tracer_provider": trace.get_tracer_provider() is tracer_provider,
+    "same_meter_provider": metrics.get_meter_provider() is meter_provider,
+    "private": [emitters["metrics"].private is not None, emitters["spans"].private is not None],
+    "spans": [s.name for s in spans.get_finished_spans()],
+    "metrics": sorted(set(names)),
+}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXTRACE_", "OTEL_"))}
+    env["OTEL_TRACES_EXPORTER"] = "console"  # would make a private provider, were there none
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["same_tracer_provider"] and result["same_meter_provider"]
+    assert result["private"] == [False, False]
+    assert result["spans"] == ["flask.app_context"]
+    assert "ctxtrace.contexts" in result["metrics"]
+    assert "ctxtrace.context.duration" in result["metrics"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 from flask import Flask, abort, current_app
 
 import ctxtrace
-from ctxtrace import _agent
+from ctxtrace import _agent, _ledger
 from ctxtrace._ledger import Ledger
 
 
@@ -57,6 +58,16 @@ def _observe() -> tuple[list[Any], list[str]]:
     with pytest.raises(RuntimeError) as outside:
         current_app.name  # noqa: B018 - the failed access is the point
     seen.append(("outside", type(outside.value), str(outside.value), outside.value.__cause__))
+    # Contexts pushed by user code (tracked), and a pop Flask refuses (the careful path).
+    with app.app_context():
+        seen.append(("inside", current_app.name))
+    ctx = app.app_context()
+    ctx.push()
+    ctx.pop()
+    with pytest.raises(Exception) as double:  # whatever Flask raises, in both runs
+        ctx.pop()
+    # Flask's next release names the context in the message, with its id.
+    seen.append(("double", type(double.value), re.sub(r"\d{6,}", "<id>", str(double.value))))
     return seen, order
 
 
@@ -65,14 +76,22 @@ def _explode(*args: Any, **kwargs: Any) -> None:
 
 
 @pytest.mark.usefixtures("no_agent")
-@pytest.mark.parametrize("method", ["push", "pop", "begin_unit", "end_unit", "access"])
+@pytest.mark.parametrize(
+    "method",
+    # What a request, a user's push and pop, a refused pop and a failed access call.
+    [
+        "_UnitState.__init__", "dispatch_pushed", "end_unit",
+        "push", "popped", "pop", "access",
+    ],
+)
 def test_fault_in_ledger_leaves_app_identical(
     method: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Responses, exceptions (type, message, cause) and teardown order match a bare run."""
     bare = _observe()
     # Patched before instrumenting: the hooks bind the ledger's methods once.
-    monkeypatch.setattr(Ledger, method, _explode)
+    owner, _, name = method.rpartition(".")
+    monkeypatch.setattr(_ledger._UnitState if owner else Ledger, name, _explode)
     assert ctxtrace.instrument(metrics="none")
     instrumented = _observe()
     assert instrumented == bare

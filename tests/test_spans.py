@@ -312,7 +312,11 @@ class TestOutOfContextAccess:
         tracer = tracer_provider.get_tracer("job")
         with tracer.start_as_current_span("nightly-job"), pytest.raises(RuntimeError):
             current_app.name  # noqa: B018 - the failed access is the point
-        (span,) = exporter.get_finished_spans()
+        spans = exporter.get_finished_spans()
+        assert [s.name for s in spans] == ["nightly-job"], [
+            (s.name, dict(s.attributes or {})) for s in spans
+        ]
+        (span,) = spans
         (event,) = span.events
         assert event.name == "ctxtrace.out_of_context_access"
         attributes = dict(event.attributes or {})
