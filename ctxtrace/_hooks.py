@@ -109,8 +109,9 @@ class Hooks:
             for cls, kind in classes
             for name, factory in (("push", self._wrap_push), ("pop", self._wrap_pop))
         ]
-        call = vars(flask.Flask)["__call__"]
-        planned.append(Patch(flask.Flask, "__call__", self._wrap_call(call)))
+        for name in ("__call__", "wsgi_app"):
+            original = vars(flask.Flask)[name]
+            planned.append(Patch(flask.Flask, name, self._wrap_call(original)))
         if self.detect_access:
             for name, proxy in _proxies():
                 original = object.__getattribute__(proxy, "_get_current_object")
@@ -517,20 +518,32 @@ class Hooks:
     # -- units of work ------------------------------------------------------
 
     def _wrap_call(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        """``Flask.__call__`` is the unit of work for a request: it encloses middleware."""
+        """``Flask.__call__`` and ``Flask.wsgi_app``: a request is a unit of work.
+
+        ``__call__`` encloses any middleware put around ``app.wsgi_app``; the
+        ``wsgi_app`` it reaches then joins that unit. ``wsgi_app`` called
+        directly (test harnesses, some servers' embedding) begins one itself.
+        """
         hooks = self
         errors = self.errors
         begin_request = self.ledger.begin_request
+        unit_now = self.ledger.current_unit
         end_unit = self.ledger.end_unit
         repair = self.repair
 
-        def __call__(self: Any, environ: Any, start_response: Any) -> Any:
+        def wrapper(self: Any, environ: Any, start_response: Any) -> Any:
             if not hooks.active:
                 return original(self, environ, start_response)
             try:
-                unit = begin_request()
+                outer: Any = unit_now()
+                if outer is not None and outer.dispatch is None and outer.kind == "request":
+                    unit = None  # the request's unit has begun, nothing dispatched yet
+                else:
+                    unit = begin_request()
             except Exception as exc:
                 errors.record("hooks", exc)
+                return original(self, environ, start_response)
+            if unit is None:
                 return original(self, environ, start_response)
             try:
                 return original(self, environ, start_response)
@@ -543,8 +556,8 @@ class Hooks:
                     for ctx in leftovers:
                         hooks._repair(ctx)
 
-        _copy_names(__call__, original)
-        return __call__
+        _copy_names(wrapper, original)
+        return wrapper
 
     def _end_unit(self, unit: Any, token: Any) -> None:
         try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from contextvars import ContextVar
 from types import FrameType
 from typing import Any, Final
 
@@ -39,21 +38,7 @@ OTEL_FLASK_SPAN_KEY: Final = "opentelemetry-flask.span_key"
 
 
 
-def _current_getter() -> Any:
-    """How to read the current OpenTelemetry context at each push, as cheaply as possible.
-
-    With the default runtime context, the ContextVar's own ``get`` (what
-    ``get_current`` returns, without three Python calls in between); with any
-    other runtime context, ``get_current`` itself.
-    """
-    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
-    var = getattr(runtime, "_current_context", None)
-    if type(runtime).__name__ == "ContextVarsRuntimeContext" and isinstance(var, ContextVar):
-        return var.get
-    return otel_context.get_current
-
-
-_get_current = _current_getter()
+_get_current = otel_context.get_current
 # Flask <= 3.1 keeps request contexts on a stack of their own; later versions
 # put them on the app stack, as app contexts that carry a request.
 _request_var: Any = getattr(flask_globals, "_cv_request", None)

@@ -27,7 +27,8 @@ def _originals() -> dict[str, Any]:
         if cls is not None:
             for name in ("push", "pop"):
                 found[f"{cls.__name__}.{name}"] = vars(cls)[name]
-    found["Flask.__call__"] = vars(flask.Flask)["__call__"]
+    for name in ("__call__", "wsgi_app"):
+        found[f"Flask.{name}"] = vars(flask.Flask)[name]
     for name in ("current_app", "g", "request", "session", "app_ctx", "request_ctx"):
         proxy = vars(flask.globals).get(name)
         if proxy is not None:
