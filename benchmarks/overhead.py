@@ -8,76 +8,87 @@ asserts nothing about timings).
 Four parts, each measured the way its noise allows:
 
 - **Per-operation timings.** Every (configuration, workload) cell in a fresh
-  process, the configurations interleaved in each of ``--rounds`` rounds; each
-  sample is the best of three batches of ``--loops`` calls. Medians with min-max,
-  and the ratio to bare Flask from the same run.
+  process, all cells interleaved in each of ``--rounds`` rounds; each sample is
+  the best of three batches of ``--loops`` calls. Medians with min-max, and the
+  ratio to bare Flask from the same run. ``--clock cpu`` times with the
+  process's CPU time (every thread's: ctxtrace's metrics drain thread and the
+  SDK's export threads count too) instead of the wall clock.
 - **Real server.** gunicorn with 2 sync workers on loopback, loaded for a fixed
-  time by a threaded HTTP client of our own in a second process; requests per
-  second and p99 latency, bare and ctxtrace interleaved over the rounds.
+  time (and at most a fixed number of requests) by a threaded HTTP client of our
+  own in a second process; requests per second and p99 latency, bare and
+  ctxtrace interleaved over the rounds.
 - **Instructions.** ``valgrind --tool=callgrind`` counts the instructions of the
-  trivial request loop, bare and with ctxtrace: two runs of different lengths,
-  differenced, so start-up cancels out. These repeat run to run (to within a
-  few hundred instructions: addresses feed some hashes), where wall-clock time
-  on a shared machine does not.
-- **Memory.** 10^6 contexts pushed and popped by user code, 1 % of them leaked
-  (pushed in a Context that is then dropped, the context itself kept alive):
-  peak RSS and the number of tracked contexts, which stop growing at the
-  ledger's cap (lowered here so most of the run is past it).
+  trivial request loop (through ``app(...)`` and ``app.wsgi_app(...)``), a
+  push/pop pair and a proxy access, bare and with ctxtrace. One process per
+  configuration runs each loop twice, a short and a long run, with
+  ``os.getppid()`` between them as the marker callgrind dumps its counts at
+  (``--dump-before=getppid``); the difference of the two runs divided by the
+  difference of calls is the cost of one call, start-up and warm-up cancel out
+  (the start-up heap is frozen out of the garbage collector's way first). Only
+  the main thread is counted: the request path, whose count repeats run to run
+  (to within a few hundred instructions: addresses feed some hashes), where
+  wall-clock time on a shared machine does not. Background threads wake by the
+  clock, which valgrind slows fifty-fold; their work shows in ``--clock cpu``.
+- **Memory.** ``benchmarks/soak.py`` (10^6 app contexts, 1 % leaked, a ledger
+  cap of 1,000) in a process of its own: resident memory and tracked contexts
+  as the run goes, which must stay flat once the cap is reached.
 
-Configurations (SDK providers export into exporters that drop everything, so
-the export itself is not measured):
+Every configuration, bare Flask included, runs with global OpenTelemetry SDK
+providers installed as a production app has them: a TracerProvider exporting
+through a BatchSpanProcessor and a MeterProvider with a periodic reader (OTel's
+default interval), both into exporters that drop the data, so the export
+itself is not measured and the comparison is fair (the providers cost nothing
+while unused). With a MeterProvider set, ctxtrace's default metrics use it and
+open no port. ``CTXTRACE_*`` and ``OTEL_*`` variables are removed from every
+child's environment, so "default" means the defaults.
 
 - ``bare``: Flask alone.
-- ``ctxtrace``: ``ctxtrace.instrument(metrics="none")``, the defaults otherwise
-  (spans only for anomalies; no metrics exporter, so no port per process).
-- ``spans_all``: ``spans="all"``, an SDK TracerProvider sampling everything
-  through a BatchSpanProcessor.
+- ``ctxtrace``: ``ctxtrace.instrument()`` with every default (spans only for
+  anomalies, metrics through the app's MeterProvider).
+- ``spans_all``: ``CTXTRACE_SPANS=all``, the SDK sampling everything.
 - ``all_options``: every detector, the flight record, ``repair``, ``long_lived``
-  for app and streaming contexts, a suppression list, metrics through an SDK
-  MeterProvider.
+  for app and streaming contexts, a suppression list.
 - ``otel``/``otel_unsampled``: OpenTelemetry's Flask instrumentation, sampler
   always on / always off.
 - ``otel_ctxtrace``: OpenTelemetry's Flask instrumentation (sampled) and ctxtrace.
 - ``sentry``: sentry-sdk's Flask integration, ``traces_sample_rate=1.0``, a
-  transport that drops envelopes; requests go through ``app(...)``, the WSGI
-  callable, as a server calls it (through ``app.wsgi_app`` its tracing never runs).
+  transport that drops envelopes. It hooks ``Flask.__call__``, so it is measured
+  only through ``app(...)``, the WSGI callable a server calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from harness import Cell, run_cells, time_loop
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DOC = ROOT / "docs" / "performance.md"
+SOAK = HERE / "soak.py"
 
 CONFIGS: dict[str, str] = {
     "bare": "Flask alone",
-    "ctxtrace": "ctxtrace defaults (metrics off)",
-    "spans_all": "ctxtrace spans=all, SDK tracer, sampled 100 %",
+    "ctxtrace": "ctxtrace defaults",
+    "spans_all": "ctxtrace spans=all, sampled 100 %",
     "all_options": "ctxtrace, every option on",
     "otel": "OpenTelemetry Flask instrumentation, sampled",
     "otel_unsampled": "OpenTelemetry Flask instrumentation, sampler off",
@@ -85,52 +96,53 @@ CONFIGS: dict[str, str] = {
     "sentry": "sentry-sdk Flask integration, traces 1.0, envelopes dropped",
 }
 WORKLOADS: dict[str, str] = {
-    "request": "trivial view through app(environ, start_response)",
-    "request_g_url_for": "a view that sets g and calls url_for",
+    "request": "trivial view through the WSGI callable, app(environ, start_response)",
+    "wsgi_app": "trivial view through app.wsgi_app(environ, start_response)",
+    "request_g_url_for": "a view that sets g and calls url_for, through app(...)",
     "push_pop": "with app.app_context(): pass",
     "proxy_access": "current_app.name, an app context pushed",
     "failed_access": "current_app.name with no context (RuntimeError caught)",
 }
-# Request workloads run for every configuration; the context workloads only where
-# something hooks contexts (the others leave pushes and proxies untouched).
+REQUEST_WORKLOADS = ("request", "wsgi_app", "request_g_url_for")
+# The context workloads run only where something hooks contexts (OpenTelemetry's and
+# Sentry's instrumentation leave pushes and proxies untouched).
 CONTEXT_CONFIGS = ("bare", "ctxtrace", "spans_all", "all_options")
-REQUEST_WORKLOADS = ("request", "request_g_url_for")
+# Sentry's tracing runs in Flask.__call__: through app.wsgi_app it would measure nothing.
+CALLABLE_ONLY = ("sentry",)
 REQUEST_LOOPS_DIVISOR = 5
 # What each configuration needs installed beyond ctxtrace's test extra.
 NEEDS: dict[str, str] = {"sentry": "sentry_sdk"}
+CLOCKS: dict[str, Callable[[], int]] = {"wall": time.perf_counter_ns, "cpu": time.process_time_ns}
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment without ctxtrace's and OpenTelemetry's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXTRACE_", "OTEL_"))}
+    env.update(extra)
+    return env
 
 
 # -- one configuration in one process -------------------------------------------------
 
 
-def _sdk_tracing(sampled: bool = True) -> Any:
-    """A global SDK TracerProvider exporting through a batch processor into nothing."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
-
-    class Dropped(SpanExporter):
-        def export(self, spans: Any) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    provider = TracerProvider(sampler=ALWAYS_ON if sampled else ALWAYS_OFF)
-    provider.add_span_processor(BatchSpanProcessor(Dropped()))
-    trace.set_tracer_provider(provider)
-    return provider
-
-
-def _sdk_metrics() -> None:
-    """A global SDK MeterProvider whose reader exports into nothing every second."""
-    from opentelemetry import metrics
+def _sdk_providers(sampled: bool) -> None:
+    """Global SDK providers as a production app has them, exporting into nothing."""
+    from opentelemetry import metrics, trace
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import (
         MetricExporter,
         MetricExportResult,
         PeriodicExportingMetricReader,
     )
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
-    class Dropped(MetricExporter):
+    class DroppedSpans(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    class DroppedMetrics(MetricExporter):
         def export(self, metrics_data: Any, timeout_millis: float = 0, **kw: Any) -> Any:
             return MetricExportResult.SUCCESS
 
@@ -140,7 +152,10 @@ def _sdk_metrics() -> None:
         def shutdown(self, timeout_millis: float = 0, **kw: Any) -> None:
             return None
 
-    reader = PeriodicExportingMetricReader(Dropped(), export_interval_millis=1000)
+    tracer_provider = TracerProvider(sampler=ALWAYS_ON if sampled else ALWAYS_OFF)
+    tracer_provider.add_span_processor(BatchSpanProcessor(DroppedSpans()))
+    trace.set_tracer_provider(tracer_provider)
+    reader = PeriodicExportingMetricReader(DroppedMetrics())
     metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 
 
@@ -149,7 +164,8 @@ def _ctxtrace(**options: Any) -> None:
 
     import ctxtrace
 
-    ctxtrace.instrument(**options)
+    if not ctxtrace.instrument(**options):
+        raise SystemExit("ctxtrace did not turn on")
     # No anomaly is expected; should one come, its line must not disturb the timing.
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
 
@@ -174,22 +190,16 @@ def _sentry() -> None:
 
 def configure(config: str) -> Callable[[Any], None]:
     """Set up ``config`` in this process; returns what to do to each app made after."""
-    if config in ("spans_all", "otel", "otel_ctxtrace"):
-        _sdk_tracing()
-    if config == "otel_unsampled":
-        _sdk_tracing(sampled=False)
-    if config == "ctxtrace":
-        _ctxtrace(metrics="none")
+    _sdk_providers(sampled=config != "otel_unsampled")
+    if config in ("ctxtrace", "otel_ctxtrace"):
+        _ctxtrace()
     elif config == "spans_all":
-        _ctxtrace(metrics="none", spans="all")
+        _ctxtrace(spans="all")
     elif config == "all_options":
-        _sdk_metrics()
         _ctxtrace(
             repair=True, long_lived_app=30, long_lived_streaming=True, flight_record=16,
             suppress="some.vendored.module,vendor/thing.py:12",
         )
-    elif config == "otel_ctxtrace":
-        _ctxtrace(metrics="none")
     elif config == "sentry":
         _sentry()
     if config in ("otel", "otel_unsampled", "otel_ctxtrace"):
@@ -216,6 +226,18 @@ def make_app() -> Any:
     return app
 
 
+def configured_app(config: str) -> Any:
+    hook = configure(config)
+    app = make_app()
+    hook(app)
+    return app
+
+
+def server_app() -> Any:
+    """What each gunicorn worker serves: ``gunicorn 'overhead:server_app()'``."""
+    return configured_app(os.environ["OVERHEAD_BENCH_CONFIG"])
+
+
 def workload(name: str, app: Any) -> Callable[[], object]:
     from flask import current_app
     from werkzeug.test import EnvironBuilder
@@ -224,10 +246,11 @@ def workload(name: str, app: Any) -> Callable[[], object]:
         return None
 
     if name in REQUEST_WORKLOADS:
-        environ = EnvironBuilder(path="/" if name == "request" else "/page").get_environ()
+        environ = EnvironBuilder(path="/page" if name == "request_g_url_for" else "/").get_environ()
+        call = app.wsgi_app if name == "wsgi_app" else app
 
         def request() -> None:
-            for _ in app(dict(environ), start_response):
+            for _ in call(dict(environ), start_response):
                 pass
 
         return request
@@ -253,64 +276,41 @@ def workload(name: str, app: Any) -> Callable[[], object]:
     raise SystemExit(f"unknown workload {name}")
 
 
-def timing_worker(config: str, name: str, loops: int) -> None:
-    hook = configure(config)
-    app = make_app()
-    hook(app)
-    body = workload(name, app)
+def time_loop(body: Callable[[], object], loops: int, clock: Callable[[], int]) -> float:
+    """Nanoseconds per call of ``body``, best of three batches (the least disturbed)."""
+    best = float("inf")
+    for _ in range(3):
+        start = clock()
+        for _ in range(loops):
+            body()
+        best = min(best, (clock() - start) / loops)
+    return best
+
+
+def timing_worker(config: str, name: str, loops: int, clock: str) -> None:
+    body = workload(name, configured_app(config))
     for _ in range(min(loops, 2000)):
         body()
-    print(json.dumps({"ns": time_loop(body, loops)}))
+    print(json.dumps({"ns": time_loop(body, loops, CLOCKS[clock])}))
 
 
-def callgrind_worker(config: str, name: str, calls: int) -> None:
-    hook = configure(config)
-    app = make_app()
-    hook(app)
-    body = workload(name, app)
-    for _ in range(calls):
-        body()
-
-
-def memory_worker(config: str, contexts: int, cap: int) -> None:
-    """Push and pop ``contexts`` app contexts, 1 % leaked; print samples as JSON."""
-    import contextvars
-
-    if config == "ctxtrace":
-        _ctxtrace(metrics="none", ledger_cap=cap, sweep_interval=3600)
-    from ctxtrace import _agent
-
-    app = make_app()
-    leaked: list[Any] = []
-    samples: list[dict[str, int]] = []
-    step = max(1, contexts // 10)
-    for i in range(1, contexts + 1):
-        ctx = app.app_context()
-        if i % 100 == 0:
-            # Pushed in a Context nobody returns to: never popped, kept alive.
-            contextvars.copy_context().run(ctx.push)
-            leaked.append(ctx)
-        else:
-            ctx.push()
-            ctx.pop()
-        if i % step == 0:
-            agent = _agent.current()
-            ledger = agent.ledger if agent is not None else None
-            samples.append(
-                {
-                    "contexts": i,
-                    "rss_kb": _rss_kb(),
-                    "tracked": ledger.live_count() if ledger is not None else 0,
-                    "dropped": int(repr(ledger.dropped_contexts)[6:-1]) if ledger else 0,
-                }
-            )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"samples": samples, "peak_rss_kb": peak, "leaked": len(leaked)}))
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+def callgrind_worker(config: str, plan: str) -> None:
+    """Run each ``workload:short:long`` of ``plan`` twice, ``os.getppid()`` around each run."""
+    app = configured_app(config)
+    for item in plan.split(","):
+        name, short, long = item.split(":")
+        body = workload(name, app)
+        for _ in range(int(short)):
+            body()
+        # The start-up heap out of the collector's way: a full collection over it
+        # would land in one run or the other, by chance.
+        gc.collect()
+        gc.freeze()
+        for calls in (int(short), int(long)):
+            os.getppid()
+            for _ in range(calls):
+                body()
+    os.getppid()
 
 
 # -- the load client (its own process) ----------------------------------------------
@@ -370,16 +370,39 @@ def available(config: str) -> bool:
     return True
 
 
-def timings(configs: Sequence[str], rounds: int, loops: int) -> list[Cell]:
-    cells: list[Cell] = []
-    request_configs = [c for c in configs if available(c)]
-    context_configs = [c for c in request_configs if c in CONTEXT_CONFIGS]
-    # A request costs 20-600 us, a context operation 1-10 us: fewer calls per sample.
-    request_loops = max(1, loops // REQUEST_LOOPS_DIVISOR)
-    cells += run_cells(__file__, request_configs, REQUEST_WORKLOADS, rounds, request_loops)
-    context_workloads = [w for w in WORKLOADS if w not in REQUEST_WORKLOADS]
-    cells += run_cells(__file__, context_configs, context_workloads, rounds, loops)
-    return cells
+@dataclass(frozen=True)
+class Cell:
+    config: str
+    workload: str
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def timings(configs: list[str], rounds: int, loops: int, clock: str) -> list[Cell]:
+    """Every cell once per round, in a fresh process, all cells interleaved."""
+    plan: list[tuple[str, str, int]] = []
+    for name in WORKLOADS:
+        for config in configs:
+            if name in REQUEST_WORKLOADS:
+                if name == "wsgi_app" and config in CALLABLE_ONLY:
+                    continue
+                # A request costs 20-700 us, a context operation 1-40 us: fewer calls.
+                plan.append((config, name, max(1, loops // REQUEST_LOOPS_DIVISOR)))
+            elif config in CONTEXT_CONFIGS:
+                plan.append((config, name, loops))
+    samples: dict[tuple[str, str], list[float]] = {}
+    env = child_env()
+    for _ in range(rounds):
+        for config, name, calls in plan:
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", config, name, str(calls), clock],
+                check=True, capture_output=True, text=True, env=env,
+            ).stdout
+            samples.setdefault((config, name), []).append(json.loads(out)["ns"])
+    return [Cell(c, w, tuple(v)) for (c, w), v in samples.items()]
 
 
 @dataclass(frozen=True)
@@ -409,12 +432,14 @@ def _wait_for(port: int, timeout: float) -> None:
 def server_round(config: str, seconds: float, threads: int) -> dict[str, float]:
     """One gunicorn run: start 2 workers, warm up, load, stop."""
     port = _free_port()
-    env = dict(os.environ, CTXTRACE_BENCH_CONFIG=config, PYTHONPATH=str(HERE))
-    env.pop("CTXTRACE_METRICS", None)
+    # This folder first, so gunicorn imports this module; the caller's path after it.
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    env = child_env(OVERHEAD_BENCH_CONFIG=config, PYTHONPATH=path)
+    # No --preload: each worker sets its configuration up as it loads the app.
     server = subprocess.Popen(
         [
             sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}",
-            "--no-control-socket", "--log-level", "warning", "bench_wsgi:app",
+            "--no-control-socket", "--log-level", "warning", "overhead:server_app()",
         ],
         env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
@@ -437,85 +462,93 @@ def server_round(config: str, seconds: float, threads: int) -> dict[str, float]:
 
 
 def server_runs(rounds: int, seconds: float, threads: int) -> list[ServerRun]:
-    if shutil.which("gunicorn") is None and not _has_module("gunicorn"):
+    try:
+        __import__("gunicorn")
+    except ImportError:
         return []
     results: dict[str, list[dict[str, float]]] = {"bare": [], "ctxtrace": []}
     for _ in range(rounds):
         for config, runs in results.items():
-            # bench_wsgi knows ctxtrace's defaults as "default".
-            runs.append(
-                server_round("default" if config == "ctxtrace" else "bare", seconds, threads)
-            )
+            runs.append(server_round(config, seconds, threads))
     return [
         ServerRun(c, tuple(r["rps"] for r in runs), tuple(r["p99_ms"] for r in runs))
         for c, runs in results.items()
     ]
 
 
-def _has_module(name: str) -> bool:
-    try:
-        __import__(name)
-    except ImportError:
-        return False
-    return True
-
-
-# Calls per callgrind run, short and long, by workload: the difference of the two
-# runs, divided by the difference of calls, is the cost of one call.
+# Calls per callgrind run, short and long, by workload, in the order they run
+# (proxy_access leaves its app context pushed, so it comes last).
 CALLGRIND_CALLS: dict[str, tuple[int, int]] = {
     "request": (200, 1200),
+    "wsgi_app": (200, 1200),
     "push_pop": (2000, 12000),
     "proxy_access": (5000, 30000),
 }
+CALLGRIND_SMOKE_DIVISOR = 40
 
 
-def instructions() -> dict[str, dict[str, float]]:
+def instructions(divisor: int = 1) -> dict[str, dict[str, float]]:
     """Instructions per call by workload and configuration, from callgrind (if installed).
 
-    Instruction counts do not depend on what else the machine runs, so every
-    run starts at once.
+    Instruction counts do not depend on what else the machine runs, so both
+    configurations run at once.
     """
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         return {}
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    env.pop("CTXTRACE_METRICS", None)
-    runs: dict[tuple[str, str, int], subprocess.Popen[str]] = {}
-    for name, lengths in CALLGRIND_CALLS.items():
-        for config in ("bare", "ctxtrace"):
-            for calls in lengths:
-                runs[(name, config, calls)] = subprocess.Popen(
-                    [
-                        valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                        sys.executable, __file__, "--callgrind-worker", config, name, str(calls),
-                    ],
-                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                )
-    counts: dict[tuple[str, str, int], int] = {}
-    for key, run in runs.items():
-        _, stderr = run.communicate()
-        found = re.search(r"Collected : (\d+)", stderr)
-        if run.returncode != 0 or found is None:
-            return {}
-        counts[key] = int(found.group(1))
-    result: dict[str, dict[str, float]] = {}
-    for name, (short, long) in CALLGRIND_CALLS.items():
-        result[name] = {
-            config: (counts[(name, config, long)] - counts[(name, config, short)]) / (long - short)
-            for config in ("bare", "ctxtrace")
+    lengths = {n: (s // divisor, lo // divisor) for n, (s, lo) in CALLGRIND_CALLS.items()}
+    plan = ",".join(f"{n}:{s}:{lo}" for n, (s, lo) in lengths.items())
+    configs = ("bare", "ctxtrace")
+    per_call: dict[str, dict[str, float]] = {name: {} for name in lengths}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {
+            config: subprocess.Popen(
+                [
+                    valgrind, "--tool=callgrind", "--dump-before=getppid",
+                    "--separate-threads=yes",
+                    f"--callgrind-out-file={tmp}/{config}.out",
+                    sys.executable, __file__, "--callgrind-worker", config, plan,
+                ],
+                env=child_env(PYTHONHASHSEED="0"),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            for config in configs
         }
-    return result
+        for config, run in runs.items():
+            _, stderr = run.communicate()
+            if run.returncode != 0:
+                raise RuntimeError(f"callgrind run of {config} failed:\n{stderr[-2000:]}")
+            # One dump per marker, numbered, of the main thread (file suffix -01); the
+            # last two per workload are its runs.
+            dumps = sorted(
+                Path(tmp).glob(f"{config}.out.*-01"),
+                key=lambda p: int(p.name.rsplit(".", 1)[1].split("-")[0]),
+            )[-2 * len(lengths) :]
+            totals = [_callgrind_total(p) for p in dumps]
+            for i, (name, (short, long)) in enumerate(lengths.items()):
+                per_call[name][config] = (totals[2 * i + 1] - totals[2 * i]) / (long - short)
+    return per_call
 
 
-def memory(contexts: int, cap: int) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for config in ("bare", "ctxtrace"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--memory-worker", config, str(contexts), str(cap)],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        results[config] = json.loads(out)
-    return results
+def _callgrind_total(dump: Path) -> int:
+    found = re.search(r"^totals: (\d+)", dump.read_text(), re.M)
+    if found is None:
+        raise RuntimeError(f"no totals in {dump}")
+    return int(found.group(1))
+
+
+def memory(contexts: int, cap: int, smoke: bool) -> dict[str, Any]:
+    """``benchmarks/soak.py`` with ``contexts`` contexts and ``cap``, as JSON."""
+    command = [
+        sys.executable, str(SOAK), "--json", "--contexts", str(contexts), "--cap", str(cap),
+        "--sample-every", str(contexts // 100),
+    ]
+    if smoke:
+        command += ["--sweep-every", str(contexts // 4), "--thread-leaks", "10"]
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env(), check=False)
+    if not done.stdout:
+        raise RuntimeError(f"soak.py failed:\n{done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 # -- the report ---------------------------------------------------------------------
@@ -574,18 +607,21 @@ def _machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
+def _cell(cells: list[Cell], config: str, name: str) -> Cell | None:
+    return next((c for c in cells if c.config == config and c.workload == name), None)
+
+
 def timing_table(cells: list[Cell]) -> list[str]:
-    base = {c.workload: c for c in cells if c.config == "bare"}
     lines = [
         "| workload | configuration | median (us) | min-max (us) | vs bare | added |",
         "|---|---|---|---|---|---|",
     ]
     for name in WORKLOADS:
+        bare = _cell(cells, "bare", name)
         for config in CONFIGS:
-            cell = next((c for c in cells if c.config == config and c.workload == name), None)
+            cell = _cell(cells, config, name)
             if cell is None:
                 continue
-            bare = base.get(name)
             ratio = cell.median / bare.median if bare else float("nan")
             added = cell.median - bare.median if bare else float("nan")
             lines.append(
@@ -595,28 +631,28 @@ def timing_table(cells: list[Cell]) -> list[str]:
     return lines
 
 
-def _cell(cells: list[Cell], config: str, name: str) -> Cell | None:
-    return next((c for c in cells if c.config == config and c.workload == name), None)
-
-
 def budget_lines(
-    cells: list[Cell], runs: list[ServerRun], instr: dict[str, dict[str, float]]
+    cells: list[Cell],
+    runs: list[ServerRun],
+    instr: dict[str, dict[str, float]],
+    soak: dict[str, Any],
 ) -> list[str]:
     """Issue 7's budget, each line checked against this run's numbers."""
     lines = ["| budget | measured | holds |", "|---|---|---|"]
 
-    def row(text: str, measured: str, holds: bool | None) -> None:
-        verdict = "n/a" if holds is None else ("yes" if holds else "**no**")
-        lines.append(f"| {text} | {measured} | {verdict} |")
+    def row(text: str, measured: str, holds: bool) -> None:
+        lines.append(f"| {text} | {measured} | {'yes' if holds else '**no**'} |")
 
-    bare, ours = _cell(cells, "bare", "request"), _cell(cells, "ctxtrace", "request")
-    if bare and ours:
-        over = ours.median / bare.median - 1
-        row("trivial request, ctxtrace <= 5 % over bare (time)", f"{over:+.1%}", over <= 0.05)
-    if "request" in instr:
-        over = instr["request"]["ctxtrace"] / instr["request"]["bare"] - 1
-        row("trivial request, ctxtrace <= 5 % over bare (instructions)", f"{over:+.1%}",
-            over <= 0.05)
+    for name, how in (("wsgi_app", "app.wsgi_app(...)"), ("request", "app(...)")):
+        bare, ours = _cell(cells, "bare", name), _cell(cells, "ctxtrace", name)
+        if bare and ours:
+            over = ours.median / bare.median - 1
+            row(f"trivial request via {how}, ctxtrace <= 5 % over bare (time)",
+                f"{over:+.1%}", over <= 0.05)
+        if name in instr:
+            over = instr[name]["ctxtrace"] / instr[name]["bare"] - 1
+            row(f"trivial request via {how}, ctxtrace <= 5 % over bare (instructions)",
+                f"{over:+.1%}", over <= 0.05)
     bare, ours = _cell(cells, "bare", "push_pop"), _cell(cells, "ctxtrace", "push_pop")
     if bare and ours:
         added = ours.median - bare.median
@@ -657,6 +693,23 @@ def budget_lines(
             f"{median:.0f} vs [{low:.0f}, {high:.0f}]",
             median >= low,
         )
+    growth = soak["peak_rss_after_warmup"] - soak["warmup_rss"]
+    row(
+        "memory and tracked contexts flat once the ledger cap is reached (soak.py's checks)",
+        f"RSS +{growth / 2**20:.1f} MiB after warm-up, tracked peak {soak['peak_tracked']:,} "
+        f"(cap {soak['cap']:,})",
+        not soak["failures"],
+    )
+    return lines
+
+
+def instruction_table(instr: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["| workload | bare | ctxtrace | added | vs bare |", "|---|---|---|---|---|"]
+    for name, by_config in instr.items():
+        bare, ours = by_config["bare"], by_config["ctxtrace"]
+        lines.append(
+            f"| {name} | {bare:,.0f} | {ours:,.0f} | {ours - bare:+,.0f} | {ours / bare:.3f} |"
+        )
     return lines
 
 
@@ -674,23 +727,26 @@ def server_table(runs: list[ServerRun]) -> list[str]:
     return lines
 
 
-def memory_table(result: dict[str, Any], cap: int) -> list[str]:
-    lines = [
-        "| contexts so far | RSS bare (MB) | RSS ctxtrace (MB) | tracked | turned away |",
-        "|---|---|---|---|---|",
-    ]
-    bare, ours = result["bare"]["samples"], result["ctxtrace"]["samples"]
-    for b, o in zip(bare, ours, strict=False):
+def memory_table(soak: dict[str, Any]) -> list[str]:
+    mib = 2**20
+    samples = soak["samples"]
+    step = max(1, len(samples) // 10)
+    lines = ["| contexts so far | RSS (MiB) | tracked contexts |", "|---|---|---|"]
+    for sample in samples[step - 1 :: step]:
         lines.append(
-            f"| {o['contexts']:,} | {b['rss_kb'] / 1024:.1f} | {o['rss_kb'] / 1024:.1f} | "
-            f"{o['tracked']:,} | {o['dropped']:,} |"
+            f"| {sample['contexts']:,} | {sample['rss'] / mib:.1f} | {sample['tracked']:,} |"
         )
-    lines.append("")
-    lines.append(
-        f"Peak RSS: bare {result['bare']['peak_rss_kb'] / 1024:.1f} MB, ctxtrace "
-        f"{result['ctxtrace']['peak_rss_kb'] / 1024:.1f} MB; ledger cap {cap:,}; "
-        f"{result['ctxtrace']['leaked']:,} contexts leaked."
-    )
+    lines += [
+        "",
+        f"Ledger cap {soak['cap']:,}; leaks made {sum(soak['leaks'].values()):,}; pushes "
+        f"turned away at the cap {soak['dropped']:,}; warm-up {soak['warmup']:,} contexts. "
+        f"RSS at the end of the warm-up {soak['warmup_rss'] / mib:.1f} MiB, peak after it "
+        f"{soak['peak_rss_after_warmup'] / mib:.1f} MiB; objects the collector tracks "
+        f"{soak['warmup_objects']:,}, peak after {soak['peak_objects_after_warmup']:,}. "
+        f"{soak['contexts']:,} contexts in {soak['seconds']} s.",
+        "",
+        "Checks: " + ("; ".join(soak["failures"]) if soak["failures"] else "all hold."),
+    ]
     return lines
 
 
@@ -699,7 +755,7 @@ def render(
     cells: list[Cell],
     runs: list[ServerRun],
     instr: dict[str, dict[str, float]],
-    mem: dict[str, Any],
+    soak: dict[str, Any],
 ) -> str:
     skipped = [c for c in CONFIGS if not available(c)]
     lines = [
@@ -714,72 +770,66 @@ def render(
         f"- Python {platform.python_version()} ({platform.python_implementation()})",
         f"- Versions: {_versions()}",
         f"- Run: {args.rounds} rounds, {args.loops} calls per sample "
-        f"({args.loops // REQUEST_LOOPS_DIVISOR} for requests), each the best of 3 batches"
-        + (" (smoke mode: numbers are not meaningful)" if args.smoke else ""),
+        f"({args.loops // REQUEST_LOOPS_DIVISOR} for requests), each the best of 3 batches, "
+        f"{args.clock} clock" + (" (smoke mode: numbers are not meaningful)" if args.smoke else ""),
+        "- Every configuration, bare included, has global OpenTelemetry SDK providers installed "
+        "(exporting into nothing)",
     ]
     if skipped:
         lines.append(f"- Skipped (not installed): {', '.join(skipped)}")
-    lines += ["", "## Budget (issue 7)", "", *budget_lines(cells, runs, instr)]
+    lines += ["", "## Budget (issue 7)", "", *budget_lines(cells, runs, instr, soak)]
     lines += ["", "## Per operation", ""]
     lines += [f"- `{k}`: {v}" for k, v in CONFIGS.items()]
     lines += [""] + [f"- `{k}`: {v}" for k, v in WORKLOADS.items()]
     lines += ["", *timing_table(cells)]
-    lines += ["", "## Instructions per call (callgrind)", ""]
-    if args.smoke:
-        lines.append("Skipped in smoke mode.")
-    elif instr:
+    lines += ["", "## Instructions per trivial request (callgrind)", ""]
+    if instr:
         lines += [
-            "| workload | bare | ctxtrace | added | vs bare |",
-            "|---|---|---|---|---|",
+            "Instructions per call, the difference of a short and a long run in one process;",
+            "the push/pop pair and the proxy access alongside.",
+            "",
+            *instruction_table(instr),
         ]
-        for name, by_config in instr.items():
-            bare, ours = by_config["bare"], by_config["ctxtrace"]
-            lines.append(
-                f"| {name} | {bare:,.0f} | {ours:,.0f} | {ours - bare:+,.0f} | {ours / bare:.3f} |"
-            )
     else:
         lines.append("valgrind is not installed; skipped.")
     lines += ["", "## gunicorn, 2 sync workers, loopback", ""]
     if runs:
         lines.append(
             f"{args.server_seconds:g} s of load per run from {args.client_threads} client "
-            f"threads in a second process; {args.rounds} runs per configuration, interleaved."
+            f"threads in a second process; {len(runs[0].rps)} runs per configuration, "
+            "interleaved."
         )
         lines += ["", *server_table(runs)]
     else:
         lines.append("gunicorn is not installed; skipped.")
     lines += ["", f"## Memory over {args.contexts:,} contexts, 1 % leaked", ""]
-    lines += memory_table(mem, args.cap)
+    lines += memory_table(soak)
     lines += ["", *HOT_PATH_NOTES.strip().splitlines()]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="every part, briefly")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--loops", type=int, default=20_000)
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--server-seconds", type=float, default=5.0)
     parser.add_argument("--client-threads", type=int, default=4)
     parser.add_argument("--contexts", type=int, default=1_000_000)
-    parser.add_argument("--cap", type=int, default=2_000)
+    parser.add_argument("--cap", type=int, default=1_000)
     parser.add_argument("--out", type=Path, help=f"where the table goes (default {DOC})")
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--callgrind-worker", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--callgrind-worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--load-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        timing_worker(args.worker[0], args.worker[1], int(args.worker[2]))
+        config, name, loops, clock = args.worker
+        timing_worker(config, name, int(loops), clock)
         return
     if args.callgrind_worker:
-        config, name, calls = args.callgrind_worker
-        callgrind_worker(config, name, int(calls))
-        return
-    if args.memory_worker:
-        config, contexts, cap = args.memory_worker
-        memory_worker(config, int(contexts), int(cap))
+        callgrind_worker(*args.callgrind_worker)
         return
     if args.load_worker:
         port, seconds, threads, limit = args.load_worker
@@ -787,17 +837,24 @@ def main() -> None:
         return
     if args.smoke:
         args.rounds, args.loops, args.server_seconds = 1, 200, 0.5
-        args.contexts, args.cap = 10_000, 50
-    configs = [c for c in args.configs.split(",") if c in CONFIGS]
+        args.contexts, args.cap = 20_000, 16
+    configs = [c for c in CONFIGS if c in args.configs.split(",") and available(c)]
     if "bare" not in configs:
         configs.insert(0, "bare")
     started = time.monotonic()
-    cells = timings(configs, args.rounds, args.loops)
-    runs = server_runs(args.rounds if not args.smoke else 1, args.server_seconds,
-                       args.client_threads)
-    instr = {} if args.smoke else instructions()
-    mem = memory(args.contexts, args.cap)
-    text = render(args, cells, runs, instr, mem)
+
+    def part(name: str) -> None:
+        print(f"{name} done at {time.monotonic() - started:.0f} s", file=sys.stderr)
+
+    cells = timings(configs, args.rounds, args.loops, args.clock)
+    part("timings")
+    runs = server_runs(args.rounds, args.server_seconds, args.client_threads)
+    part("gunicorn")
+    instr = instructions(CALLGRIND_SMOKE_DIVISOR if args.smoke else 1)
+    part("callgrind")
+    soak = memory(args.contexts, args.cap, args.smoke)
+    part("memory")
+    text = render(args, cells, runs, instr, soak)
     out = args.out if args.out is not None else (None if args.smoke else DOC)
     if out is not None:
         out.write_text(text)

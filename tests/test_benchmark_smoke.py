@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +20,7 @@ SCRIPT = ROOT / "benchmarks" / "overhead.py"
 def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
     """``overhead.py --smoke`` runs every part and writes a table with every section."""
     out = tmp_path / "performance.md"
-    env = dict(os.environ)
-    env.pop("CTXTRACE_METRICS", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXTRACE_", "OTEL_"))}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
         check=False, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
@@ -30,8 +32,27 @@ def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
         "## Per operation",
         "## Instructions per trivial request (callgrind)",
         "## gunicorn, 2 sync workers, loopback",
-        "## Memory over 10,000 contexts, 1 % leaked",
+        "## Memory over 20,000 contexts, 1 % leaked",
     ):
         assert heading in text, heading
-    for row in ("| request | bare |", "| request | ctxtrace |", "| push_pop | ctxtrace |"):
+    rows = [
+        f"| {workload} | {config} |"
+        for workload in ("request", "wsgi_app", "request_g_url_for")
+        for config in ("bare", "ctxtrace", "spans_all", "all_options", "otel", "otel_unsampled",
+                       "otel_ctxtrace")
+    ]
+    rows += [
+        f"| {workload} | {config} |"
+        for workload in ("push_pop", "proxy_access", "failed_access")
+        for config in ("bare", "ctxtrace", "spans_all", "all_options")
+    ]
+    if importlib.util.find_spec("sentry_sdk") is not None:
+        rows += ["| request | sentry |", "| request_g_url_for | sentry |"]
+    rows += ["| bare | ", "| ctxtrace | "]  # gunicorn
+    if shutil.which("valgrind"):
+        # The instruction counts' row (bare, ctxtrace) and their budget line.
+        assert re.search(r"^\| wsgi_app \| [\d,]+ \| [\d,]+ \|", text, re.M), "callgrind"
+        rows += ["app.wsgi_app(...), ctxtrace <= 5 % over bare (instructions)"]
+    for row in rows:
         assert row in text, row
+    assert "| 0 | 0-0 |" not in text, "a gunicorn configuration served nothing"
