@@ -8,14 +8,20 @@ counts), so no request data can reach it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import itertools
 import logging
 import os
+import socket
+import stat
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import structlog
 
@@ -28,12 +34,87 @@ _ERROR_ANOMALIES: Final = frozenset(
 _MAX_KEYS: Final = 10_000
 
 
-def private_logger(level: int = logging.INFO) -> Any:
-    """JSON lines on stderr, for hosts that did not configure structlog."""
+class NonBlockingLines:
+    """One write per line to a pipe or socket, never waiting for its reader.
+
+    stderr is often a pipe (a container runtime, a supervisor) or a socket
+    (journald): if its reader stops reading, a plain write waits, on the request
+    thread that reported the anomaly. For a pipe the lines go through a
+    description of that pipe of our own, opened non-blocking through
+    ``/proc/self/fd`` (the application's descriptor keeps its flags); for a
+    socket, through ``MSG_DONTWAIT``. A line the reader has no room for is lost
+    and raises ``BlockingIOError``: its caller counts it like any failed write
+    (``ENOSPC`` on a full disk). A line longer than the pipe's atomic size
+    (4 KiB) may be cut short then; the cut one is ended with a newline so the
+    next line starts clean.
+    """
+
+    def __init__(
+        self, stream: TextIO, send: Callable[[bytes], int], close: Callable[[], None]
+    ) -> None:
+        self.stream = stream
+        self._send = send
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._lock = threading.Lock()
+        weakref.finalize(self, close)
+
+    @classmethod
+    def open(cls, stream: TextIO) -> NonBlockingLines | None:
+        """A writer for ``stream`` if it is a pipe or socket we can reach so, else ``None``."""
+        try:
+            fd = stream.fileno()
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISFIFO(mode):
+                own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                write, close = functools.partial(os.write, own), functools.partial(os.close, own)
+                return cls(stream, write, close)
+            if stat.S_ISSOCK(mode):
+                sock = socket.socket(fileno=os.dup(fd))
+                return cls(stream, lambda data: sock.send(data, socket.MSG_DONTWAIT), sock.close)
+        except (OSError, ValueError, AttributeError):
+            pass  # no descriptor (a test's capture), no /proc: written as before
+        return None
+
+    def msg(self, message: str) -> None:
+        data = (message + "\n").encode(self._encoding, "backslashreplace")
+        with self._lock:
+            try:
+                sent = self._send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                if sent:
+                    with contextlib.suppress(OSError):
+                        self._send(b"\n")
+                raise BlockingIOError(
+                    errno.EAGAIN, "log stream full (its reader is not reading): line dropped"
+                )
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
+# Writers by stream, so that each line does not open the pipe again.
+_writers: dict[int, tuple[TextIO, NonBlockingLines | None]] = {}
+
+
+def _line_logger(stream: TextIO) -> Any:
+    known = _writers.get(id(stream))
+    if known is not None and known[0] is stream:
+        writer = known[1]
+    else:
+        if len(_writers) >= 16:
+            _writers.clear()
+        writer = NonBlockingLines.open(stream)
+        _writers[id(stream)] = (stream, writer)
+    # One write per line (PrintLogger writes the newline separately): workers that
+    # share a stderr file or pipe would otherwise splice their lines together.
+    return writer if writer is not None else structlog.WriteLogger(stream)
+
+
+def private_logger(level: int = logging.INFO, stream: TextIO | None = None) -> Any:
+    """JSON lines on stderr (or ``stream``), for hosts that did not configure structlog."""
     return structlog.wrap_logger(
-        # One write per line (PrintLogger writes the newline separately): workers that
-        # share a stderr file or pipe would otherwise splice their lines together.
-        structlog.WriteLogger(sys.stderr),
+        _line_logger(stream if stream is not None else sys.stderr),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -49,6 +130,28 @@ def get_logger(level: int = logging.INFO) -> Any:
     if structlog.is_configured():
         return structlog.get_logger(LOGGER_NAME)
     return private_logger(level)
+
+
+def log_line(level: str, event: str, **fields: Any) -> bool:
+    """Log one of ctxtrace's own lines wherever it can go; never raises.
+
+    The host's structlog (if configured), else stderr; if that write fails (a
+    full disk, a reader that stopped reading), the next of: stderr, then the
+    process's original stderr. ``False`` when every one failed.
+    """
+    loggers: list[Callable[[], Any]] = [get_logger]
+    if structlog.is_configured():
+        loggers.append(private_logger)
+    original = sys.__stderr__
+    if original is not None and original is not sys.stderr:
+        loggers.append(lambda: private_logger(stream=original))
+    for make in loggers:
+        try:
+            getattr(make(), level)(event, **fields)
+            return True
+        except Exception:
+            continue
+    return False
 
 
 def _context_fields(info: ContextInfo, prefix: str = "") -> dict[str, Any]:
