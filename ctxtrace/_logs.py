@@ -34,58 +34,83 @@ _ERROR_ANOMALIES: Final = frozenset(
 _MAX_KEYS: Final = 10_000
 
 
-class NonBlockingLines:
-    """One write per line to a pipe or socket, never waiting for its reader.
+class _Descriptor:
+    """Our own way to a pipe or socket: ``send`` writes without waiting."""
+
+    def __init__(self, fd: int, mode: int) -> None:
+        self.send: Callable[[bytes], int] | None = None
+        self.close: Callable[[], None] = lambda: None
+        if stat.S_ISFIFO(mode):
+            own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self.send = functools.partial(os.write, own)
+            self.close = functools.partial(os.close, own)
+        elif stat.S_ISSOCK(mode):
+            sock = socket.socket(fileno=os.dup(fd))
+            self.send = lambda data: sock.send(data, socket.MSG_DONTWAIT)
+            self.close = sock.close
+
+
+def _close_current(own: list[_Descriptor]) -> None:
+    own[0].close()
+
+
+class LineWriter:
+    """One write per line, and never a wait for the reader of a pipe or socket.
 
     stderr is often a pipe (a container runtime, a supervisor) or a socket
     (journald): if its reader stops reading, a plain write waits, on the request
     thread that reported the anomaly. For a pipe the lines go through a
     description of that pipe of our own, opened non-blocking through
     ``/proc/self/fd`` (the application's descriptor keeps its flags); for a
-    socket, through ``MSG_DONTWAIT``. A line the reader has no room for is lost
-    and raises ``BlockingIOError``: its caller counts it like any failed write
-    (``ENOSPC`` on a full disk). A line longer than the pipe's atomic size
-    (4 KiB) may be cut short then; the cut one is ended with a newline so the
-    next line starts clean.
+    socket, through ``MSG_DONTWAIT``. Whether the stream's descriptor still leads
+    there is checked at every line (servers redirect stderr with ``dup2``). A
+    line the reader has no room for is lost and raises ``BlockingIOError``: its
+    caller counts it like any failed write (``ENOSPC`` on a full disk). A line
+    longer than the pipe's atomic size (4 KiB) may be cut short then; the cut
+    one is ended with a newline so the next line starts clean. Anything else (a
+    file, a terminal, a stream without a descriptor) is written to as usual.
     """
 
-    def __init__(
-        self, stream: TextIO, send: Callable[[bytes], int], close: Callable[[], None]
-    ) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self._send = send
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._lock = threading.Lock()
-        weakref.finalize(self, close)
+        self._target: tuple[int, int] | None = None
+        # A list, so that the finaliser closes whichever descriptor is current then.
+        self._own = [_Descriptor(-1, 0)]
+        weakref.finalize(self, _close_current, self._own)
 
-    @classmethod
-    def open(cls, stream: TextIO) -> NonBlockingLines | None:
-        """A writer for ``stream`` if it is a pipe or socket we can reach so, else ``None``."""
+    def _send(self) -> Callable[[bytes], int] | None:
+        """How to reach what the stream's descriptor leads to now (``None``: the stream)."""
         try:
-            fd = stream.fileno()
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISFIFO(mode):
-                own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                write, close = functools.partial(os.write, own), functools.partial(os.close, own)
-                return cls(stream, write, close)
-            if stat.S_ISSOCK(mode):
-                sock = socket.socket(fileno=os.dup(fd))
-                return cls(stream, lambda data: sock.send(data, socket.MSG_DONTWAIT), sock.close)
+            fd = self.stream.fileno()
+            status = os.fstat(fd)
         except (OSError, ValueError, AttributeError):
-            pass  # no descriptor (a test's capture), no /proc: written as before
-        return None
+            return None  # no descriptor (a test's capture): written as before
+        target = (status.st_dev, status.st_ino)
+        if target != self._target:
+            self._own[0].close()
+            self._target, self._own[0] = target, _Descriptor(-1, 0)
+            with contextlib.suppress(OSError):
+                self._own[0] = _Descriptor(fd, status.st_mode)
+        return self._own[0].send
 
     def msg(self, message: str) -> None:
-        data = (message + "\n").encode(self._encoding, "backslashreplace")
         with self._lock:
+            send = self._send()
+            if send is None:
+                self.stream.write(message + "\n")
+                self.stream.flush()
+                return
+            data = (message + "\n").encode(self._encoding, "backslashreplace")
             try:
-                sent = self._send(data)
+                sent = send(data)
             except BlockingIOError:
                 sent = 0
             if sent < len(data):
                 if sent:
                     with contextlib.suppress(OSError):
-                        self._send(b"\n")
+                        send(b"\n")
                 raise BlockingIOError(
                     errno.EAGAIN, "log stream full (its reader is not reading): line dropped"
                 )
@@ -94,26 +119,23 @@ class NonBlockingLines:
 
 
 # Writers by stream, so that each line does not open the pipe again.
-_writers: dict[int, tuple[TextIO, NonBlockingLines | None]] = {}
+_writers: dict[int, LineWriter] = {}
 
 
-def _line_logger(stream: TextIO) -> Any:
-    known = _writers.get(id(stream))
-    if known is not None and known[0] is stream:
-        writer = known[1]
-    else:
+def _line_logger(stream: TextIO) -> LineWriter:
+    writer = _writers.get(id(stream))
+    if writer is None or writer.stream is not stream:
         if len(_writers) >= 16:
             _writers.clear()
-        writer = NonBlockingLines.open(stream)
-        _writers[id(stream)] = (stream, writer)
-    # One write per line (PrintLogger writes the newline separately): workers that
-    # share a stderr file or pipe would otherwise splice their lines together.
-    return writer if writer is not None else structlog.WriteLogger(stream)
+        writer = _writers[id(stream)] = LineWriter(stream)
+    return writer
 
 
 def private_logger(level: int = logging.INFO, stream: TextIO | None = None) -> Any:
     """JSON lines on stderr (or ``stream``), for hosts that did not configure structlog."""
     return structlog.wrap_logger(
+        # One write per line (PrintLogger writes the newline separately): workers that
+        # share a stderr file or pipe would otherwise splice their lines together.
         _line_logger(stream if stream is not None else sys.stderr),
         processors=[
             structlog.processors.add_log_level,
