@@ -432,9 +432,10 @@ def test_span_emitter_that_raises(
     assert seen == bare
     counts = agent.errors.counts()
     assert set(counts) == {"spans"} and counts["spans"] >= 4 * ROUNDS
+    data: Any = failing_tracer_and_reader.get_metrics_data()
     exported = {
         point.attributes["component"]: point.value
-        for rm in failing_tracer_and_reader.get_metrics_data().resource_metrics
+        for rm in data.resource_metrics
         for sm in rm.scope_metrics
         for metric in sm.metrics
         if metric.name == "ctxtrace.internal_errors"
