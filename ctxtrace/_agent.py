@@ -22,7 +22,7 @@ from ._events import Event, Site
 from ._guard import InternalErrors
 from ._hooks import Hooks
 from ._ledger import Ledger, LedgerPolicy
-from ._logs import LogEmitter, get_logger
+from ._logs import LogEmitter, log_line
 
 
 class Emitter(Protocol):
@@ -171,7 +171,10 @@ class Agent:
                 self.errors.record(emitter.name, exc)
 
     def _log_internal_error(self, component: str, exc: BaseException) -> None:
-        get_logger().error(
+        # Not through the failing emitter's stream alone: when that is what broke
+        # (a full disk, a stalled pipe) the line goes to the next place that works.
+        log_line(
+            "error",
             "ctxtrace.internal_error",
             component=component,
             exc_type=type(exc).__name__,
@@ -206,14 +209,16 @@ class Agent:
         _integrations.uninstall_all(self, self.integrations)
         self.integrations = []
         self.hooks.uninstall()
+        deadline = time.monotonic() + timeout_s
         self._stop.set()
         if self._watchdog is not None and self._watchdog is not threading.current_thread():
             self._watchdog.join(timeout_s)
+        # One budget for all of them: each emitter bounds its own stop by what is left.
         for emitter in self._with_telemetry():
             stop = getattr(emitter, "stop", None)
             if stop is not None:
                 try:
-                    stop(timeout_s)
+                    stop(max(0.0, deadline - time.monotonic()))
                 except Exception as exc:
                     self.errors.record(emitter.name, exc)
 
@@ -292,8 +297,8 @@ def start(
     global _agent
     with _lock:
         if _agent is not None:
-            get_logger().info(
-                "ctxtrace.already_instrumented", note="repeated instrument() call ignored"
+            log_line(
+                "info", "ctxtrace.already_instrumented", note="repeated instrument() call ignored"
             )
             return None
         try:
@@ -301,8 +306,8 @@ def start(
         except ConfigError as exc:
             if exc.source != "environment":
                 raise
-            get_logger().error(
-                "ctxtrace.config_error", key=exc.key, value=repr(exc.value)[:80],
+            log_line(
+                "error", "ctxtrace.config_error", key=exc.key, value=repr(exc.value)[:80],
                 allowed=exc.allowed, note="ctxtrace stays off; the application runs",
             )
             return None
@@ -320,7 +325,7 @@ def stop() -> bool:
     with _lock:
         agent, _agent = _agent, None
     if agent is None:
-        get_logger().info("ctxtrace.not_instrumented", note="repeated uninstrument() call ignored")
+        log_line("info", "ctxtrace.not_instrumented", note="repeated uninstrument() call ignored")
         return False
     agent.stop()
     return True

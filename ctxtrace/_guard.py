@@ -38,3 +38,28 @@ class InternalErrors:
 
     def counts(self) -> dict[str, int]:
         return {name: int(repr(c)[6:-1]) for name, c in list(self._counts.items())}
+
+
+def run_within(
+    timeout_s: float, work: Callable[[], object], component: str,
+    record: Callable[[str, BaseException], None],
+) -> bool:
+    """Run ``work`` on a thread of its own and wait for it ``timeout_s`` at most.
+
+    For flushes and shutdowns of exporters, whose own timeouts (and retries) can
+    add up to minutes while a collector hangs: the caller (``uninstrument()``,
+    exit, the end of a job) goes on after ``timeout_s``, and the thread, a
+    daemon, finishes or dies with the process. An error in ``work`` is recorded
+    under ``component``; ``False`` when ``work`` is still running.
+    """
+
+    def guarded() -> None:
+        try:
+            work()
+        except Exception as exc:
+            record(component, exc)
+
+    thread = threading.Thread(target=guarded, name=f"ctxtrace-{component}-stop", daemon=True)
+    thread.start()
+    thread.join(max(timeout_s, 0.0))
+    return not thread.is_alive()

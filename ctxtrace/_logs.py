@@ -8,14 +8,20 @@ counts), so no request data can reach it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import itertools
 import logging
 import os
+import socket
+import stat
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import structlog
 
@@ -28,12 +34,109 @@ _ERROR_ANOMALIES: Final = frozenset(
 _MAX_KEYS: Final = 10_000
 
 
-def private_logger(level: int = logging.INFO) -> Any:
-    """JSON lines on stderr, for hosts that did not configure structlog."""
+class _Descriptor:
+    """Our own way to a pipe or socket: ``send`` writes without waiting."""
+
+    def __init__(self, fd: int, mode: int) -> None:
+        self.send: Callable[[bytes], int] | None = None
+        self.close: Callable[[], None] = lambda: None
+        if stat.S_ISFIFO(mode):
+            own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self.send = functools.partial(os.write, own)
+            self.close = functools.partial(os.close, own)
+        elif stat.S_ISSOCK(mode):
+            sock = socket.socket(fileno=os.dup(fd))
+            self.send = lambda data: sock.send(data, socket.MSG_DONTWAIT)
+            self.close = sock.close
+
+
+def _close_current(own: list[_Descriptor]) -> None:
+    own[0].close()
+
+
+class LineWriter:
+    """One write per line, and never a wait for the reader of a pipe or socket.
+
+    stderr is often a pipe (a container runtime, a supervisor) or a socket
+    (journald): if its reader stops reading, a plain write waits, on the request
+    thread that reported the anomaly. For a pipe the lines go through a
+    description of that pipe of our own, opened non-blocking through
+    ``/proc/self/fd`` (the application's descriptor keeps its flags); for a
+    socket, through ``MSG_DONTWAIT``. Whether the stream's descriptor still leads
+    there is checked at every line (servers redirect stderr with ``dup2``). A
+    line the reader has no room for is lost and raises ``BlockingIOError``: its
+    caller counts it like any failed write (``ENOSPC`` on a full disk). A line
+    longer than the pipe's atomic size (4 KiB) may be cut short then; the cut
+    one is ended with a newline so the next line starts clean. Anything else (a
+    file, a terminal, a stream without a descriptor) is written to as usual.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._lock = threading.Lock()
+        self._target: tuple[int, int] | None = None
+        # A list, so that the finaliser closes whichever descriptor is current then.
+        self._own = [_Descriptor(-1, 0)]
+        weakref.finalize(self, _close_current, self._own)
+
+    def _send(self) -> Callable[[bytes], int] | None:
+        """How to reach what the stream's descriptor leads to now (``None``: the stream)."""
+        try:
+            fd = self.stream.fileno()
+            status = os.fstat(fd)
+        except (OSError, ValueError, AttributeError):
+            return None  # no descriptor (a test's capture): written as before
+        target = (status.st_dev, status.st_ino)
+        if target != self._target:
+            self._own[0].close()
+            self._target, self._own[0] = target, _Descriptor(-1, 0)
+            with contextlib.suppress(OSError):
+                self._own[0] = _Descriptor(fd, status.st_mode)
+        return self._own[0].send
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            send = self._send()
+            if send is None:
+                self.stream.write(message + "\n")
+                self.stream.flush()
+                return
+            data = (message + "\n").encode(self._encoding, "backslashreplace")
+            try:
+                sent = send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                if sent:
+                    with contextlib.suppress(OSError):
+                        send(b"\n")
+                raise BlockingIOError(
+                    errno.EAGAIN, "log stream full (its reader is not reading): line dropped"
+                )
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
+# Writers by stream, so that each line does not open the pipe again.
+_writers: dict[int, LineWriter] = {}
+
+
+def _line_logger(stream: TextIO) -> LineWriter:
+    writer = _writers.get(id(stream))
+    if writer is None or writer.stream is not stream:
+        if len(_writers) >= 16:
+            _writers.clear()
+        writer = _writers[id(stream)] = LineWriter(stream)
+    return writer
+
+
+def private_logger(level: int = logging.INFO, stream: TextIO | None = None) -> Any:
+    """JSON lines on stderr (or ``stream``), for hosts that did not configure structlog."""
     return structlog.wrap_logger(
         # One write per line (PrintLogger writes the newline separately): workers that
         # share a stderr file or pipe would otherwise splice their lines together.
-        structlog.WriteLogger(sys.stderr),
+        _line_logger(stream if stream is not None else sys.stderr),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -49,6 +152,28 @@ def get_logger(level: int = logging.INFO) -> Any:
     if structlog.is_configured():
         return structlog.get_logger(LOGGER_NAME)
     return private_logger(level)
+
+
+def log_line(level: str, event: str, **fields: Any) -> bool:
+    """Log one of ctxtrace's own lines wherever it can go; never raises.
+
+    The host's structlog (if configured), else stderr; if that write fails (a
+    full disk, a reader that stopped reading), the next of: stderr, then the
+    process's original stderr. ``False`` when every one failed.
+    """
+    loggers: list[Callable[[], Any]] = [get_logger]
+    if structlog.is_configured():
+        loggers.append(private_logger)
+    original = sys.__stderr__
+    if original is not None and original is not sys.stderr:
+        loggers.append(lambda: private_logger(stream=original))
+    for make in loggers:
+        try:
+            getattr(make(), level)(event, **fields)
+            return True
+        except Exception:
+            continue
+    return False
 
 
 def _context_fields(info: ContextInfo, prefix: str = "") -> dict[str, Any]:

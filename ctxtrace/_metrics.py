@@ -36,6 +36,7 @@ from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
 from . import _providers
 from ._events import ANOMALIES, PROXIES, Anomaly, Event, OutOfContextAccess
+from ._guard import run_within
 from ._version import VERSION
 
 if TYPE_CHECKING:
@@ -329,8 +330,8 @@ class MetricsEmitter:
             remaining = max(0.001, deadline - time.monotonic())
             if private is not None:
                 private.shutdown(remaining)
-            elif self.meter_provider is not None and hasattr(self.meter_provider, "force_flush"):
-                self.meter_provider.force_flush(timeout_millis=remaining * 1000)
+            else:
+                self._flush_global(remaining)
         finally:
             if self._binding is not None:
                 self._binding.release(self)
@@ -342,9 +343,19 @@ class MetricsEmitter:
         """Record everything waiting and push it (a process about to end without atexit)."""
         self.feed.drain(budget=False)
         if self.private is not None:
-            self.private.push(timeout_s)
-        elif self.meter_provider is not None and hasattr(self.meter_provider, "force_flush"):
-            self.meter_provider.force_flush(timeout_millis=max(timeout_s, 0.001) * 1000)
+            self.private.flush(timeout_s)
+        else:
+            self._flush_global(timeout_s)
+
+    def _flush_global(self, timeout_s: float) -> None:
+        """The application's provider's flush, waited for ``timeout_s`` at most."""
+        provider = self.meter_provider
+        if provider is not None and hasattr(provider, "force_flush"):
+            millis = max(timeout_s, 0.001) * 1000
+            run_within(
+                timeout_s, lambda: provider.force_flush(timeout_millis=millis), self.name,
+                self._agent.errors.record,
+            )
 
     def after_fork(self) -> None:
         """A forked child: its own identity, counts from zero, its own endpoint and thread."""

@@ -9,8 +9,10 @@ its failures are counted in ``Agent.errors`` and never raised.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from ._config import Config
+from ._guard import run_within
 from ._providers import (
     OTEL_METRIC_EXPORT_INTERVAL,
     OTEL_METRIC_EXPORT_TIMEOUT,
@@ -60,29 +63,105 @@ def resource(worker: str) -> Resource:
 # -- guarded exporters ------------------------------------------------------------
 
 
-class GuardedSpanExporter(SpanExporter):
-    """A SpanExporter whose failures are counted under ``component`` and never raised."""
+class _Exporting(threading.local):
+    """Whether this thread is inside one of ctxtrace's exports, and what the SDK said."""
 
-    def __init__(self, inner: SpanExporter, component: str, record: RecordError) -> None:
+    active = False
+    said: str | None = None
+
+
+_exporting = _Exporting()
+
+
+class _QuietWhileExporting(logging.Filter):
+    """Holds back the SDK's log records about ctxtrace's own exports.
+
+    The SDK's exporters log every failed batch and every retry: one line per
+    export while a collector is down. For ctxtrace's private exporters the
+    guard counts each failure and logs the first (with the SDK's words as its
+    message); the application's own exporters, on other threads, log as ever.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _exporting.active:
+            return True
+        if _exporting.said is None:
+            try:
+                _exporting.said = record.getMessage()[:200]
+            except Exception:
+                _exporting.said = str(record.msg)[:200]
+        return False
+
+
+_QUIET = _QuietWhileExporting()
+
+
+def _quiet_loggers(inner: object) -> None:
+    """Put the filter on the loggers of the modules an exporter's class comes from."""
+    names = {cls.__module__ for cls in type(inner).__mro__ if cls.__module__ != "builtins"}
+    names.add("opentelemetry.exporter.otlp.common.http")
+    for name in names:
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
+
+
+class _Guard:
+    """What both guarded exporters share: the component, the quiet export, abort."""
+
+    def __init__(self, inner: Any, component: str, record: RecordError) -> None:
         self.inner = inner
         self._component = component
         self._record = record
+        self.aborted = False
+        _quiet_loggers(inner)
 
-    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+    def _export(self, call: Callable[[], Any], success: Any, failure: Any, what: str) -> Any:
+        if self.aborted:
+            # Past the stop's deadline: what is left goes, without a wait or a line.
+            return failure
+        _exporting.active, _exporting.said = True, None
         try:
-            result = self.inner.export(spans)
+            result = call()
         except Exception as exc:
             self._record(self._component, exc)
-            return SpanExportResult.FAILURE
-        if result is not SpanExportResult.SUCCESS:
-            self._record(self._component, ExportFailed(f"{len(spans)} spans not exported"))
+            return failure
+        finally:
+            _exporting.active = False
+        if result is not success:
+            said = f": {_exporting.said}" if _exporting.said else ""
+            self._record(self._component, ExportFailed(f"{what} not exported{said}"))
         return result
 
-    def shutdown(self) -> None:
+    def _shutdown(self, call: Callable[[], Any]) -> None:
+        if self.aborted:
+            return  # already shut down by abort()
+        try:
+            call()
+        except Exception as exc:
+            self._record(self._component, exc)
+
+    def abort(self) -> None:
+        """Stop exporting now: later batches are dropped, retries end (stop timed out)."""
+        self.aborted = True
         try:
             self.inner.shutdown()
         except Exception as exc:
             self._record(self._component, exc)
+
+
+class GuardedSpanExporter(_Guard, SpanExporter):
+    """A SpanExporter whose failures are counted under ``component`` and never raised."""
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        result: SpanExportResult = self._export(
+            lambda: self.inner.export(spans), SpanExportResult.SUCCESS,
+            SpanExportResult.FAILURE, f"{len(spans)} spans",
+        )
+        return result
+
+    def shutdown(self) -> None:
+        self._shutdown(self.inner.shutdown)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         try:
@@ -92,30 +171,26 @@ class GuardedSpanExporter(SpanExporter):
             return False
 
 
-class GuardedMetricExporter(MetricExporter):
+class GuardedMetricExporter(_Guard, MetricExporter):
     """A MetricExporter whose failures are counted under ``component`` and never raised."""
 
     def __init__(self, inner: MetricExporter, component: str, record: RecordError) -> None:
         # The periodic reader reads an exporter's preferences from these two
         # attributes (the SDK's own convention): pass the wrapped exporter's on.
-        super().__init__(
+        MetricExporter.__init__(
+            self,
             preferred_temporality=dict(getattr(inner, "_preferred_temporality", None) or {}),
             preferred_aggregation=dict(getattr(inner, "_preferred_aggregation", None) or {}),
         )
-        self.inner = inner
-        self._component = component
-        self._record = record
+        _Guard.__init__(self, inner, component, record)
 
     def export(
         self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
-        try:
-            result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
-        except Exception as exc:
-            self._record(self._component, exc)
-            return MetricExportResult.FAILURE
-        if result is not MetricExportResult.SUCCESS:
-            self._record(self._component, ExportFailed("metrics not exported"))
+        result: MetricExportResult = self._export(
+            lambda: self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs),
+            MetricExportResult.SUCCESS, MetricExportResult.FAILURE, "metrics",
+        )
         return result
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
@@ -126,26 +201,63 @@ class GuardedMetricExporter(MetricExporter):
             return False
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        try:
-            self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
-        except Exception as exc:
-            self._record(self._component, exc)
+        self._shutdown(lambda: self.inner.shutdown(timeout_millis=timeout_millis, **kwargs))
 
 
 # -- private tracing --------------------------------------------------------------
 
 
-class PrivateTracing:
+class _Owned:
+    """What a private provider's flush and shutdown share: a budget, kept.
+
+    The SDK's exporters retry within their own timeouts (10 s by default, per
+    batch) and its span processor's flush ignores the one it is given: with a
+    collector down or hanging, a flush at exit could take minutes. Here each
+    runs on a thread of its own and is waited for within the budget; a shutdown
+    that overruns it aborts the exporters, so nothing else is sent or retried.
+    """
+
+    component = "telemetry"
+
+    def __init__(self, exporters: Sequence[_Guard], record: RecordError) -> None:
+        self.exporters = list(exporters)
+        self.record = record
+
+    def _within(self, timeout_s: float, work: Callable[[], object], *, closing: bool) -> None:
+        if run_within(timeout_s, work, self.component, self.record) or not closing:
+            return
+        for exporter in self.exporters:
+            exporter.abort()
+        self.record(
+            self.component,
+            TimeoutError(
+                f"shutdown did not finish within the {timeout_s:.3g} s left to it;"
+                " what was not exported is dropped"
+            ),
+        )
+
+
+class PrivateTracing(_Owned):
     """A TracerProvider ctxtrace built for itself, with its batch processors."""
 
-    def __init__(self, provider: TracerProvider) -> None:
+    component = "spans"
+
+    def __init__(
+        self,
+        provider: TracerProvider,
+        exporters: Sequence[_Guard] = (),
+        record: RecordError = lambda component, exc: None,
+    ) -> None:
+        super().__init__(exporters, record)
         self.provider = provider
 
     def flush(self, timeout_s: float) -> None:
-        self.provider.force_flush(int(max(timeout_s, 0.0) * 1000))
+        millis = int(max(timeout_s, 0.0) * 1000)
+        self._within(timeout_s, lambda: self.provider.force_flush(millis), closing=False)
 
-    def shutdown(self) -> None:
-        self.provider.shutdown()
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Export what is queued and stop, within ``timeout_s``."""
+        self._within(timeout_s, self.provider.shutdown, closing=True)
 
 
 def build_tracing(
@@ -154,21 +266,20 @@ def build_tracing(
     """A private TracerProvider for the exporters the environment names, or ``None``."""
     names = trace_exporter_names(environ)
     provider = TracerProvider(resource=resource(worker), shutdown_on_exit=False)
-    added = 0
+    guarded: list[_Guard] = []
     for name in names:
         component = f"exporter.traces.{name}"
         try:
-            exporter = load_exporter(name, "traces", environ)()
-            provider.add_span_processor(
-                BatchSpanProcessor(GuardedSpanExporter(exporter, component, record))
-            )
-            added += 1
+            inner = load_exporter(name, "traces", environ)()
+            exporter = GuardedSpanExporter(inner, component, record)
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+            guarded.append(exporter)
         except Exception as exc:
             record(component, exc)
-    if not added:
+    if not guarded:
         provider.shutdown()
         return None
-    return PrivateTracing(provider)
+    return PrivateTracing(provider, guarded, record)
 
 
 # -- private metrics --------------------------------------------------------------
@@ -182,8 +293,10 @@ def _millis(environ: Mapping[str, str], key: str, default: float) -> float:
     return value if math.isfinite(value) and value > 0 else default
 
 
-class PrivateMetrics:
+class PrivateMetrics(_Owned):
     """A MeterProvider ctxtrace built for itself: readers, endpoint, push schedule."""
+
+    component = "metrics"
 
     def __init__(
         self,
@@ -193,7 +306,10 @@ class PrivateMetrics:
         interval_s: float,
         timeout_s: float,
         prometheus_reader: MetricReader | None = None,
+        exporters: Sequence[_Guard] = (),
+        record: RecordError = lambda component, exc: None,
     ) -> None:
+        super().__init__(exporters, record)
         self.provider = provider
         self.push_readers = push_readers
         self.endpoint = endpoint
@@ -207,14 +323,26 @@ class PrivateMetrics:
         for reader in self.push_readers:
             reader.collect(timeout_millis=millis)
 
+    def flush(self, timeout_s: float) -> None:
+        """``push`` within ``timeout_s``, however long the exporters take."""
+        self._within(timeout_s, lambda: self.push(timeout_s), closing=False)
+
     def shutdown(self, timeout_s: float) -> None:
-        """Final push, then stop serving and close everything (bounded by the exporters)."""
+        """Final push, then stop serving and close everything, within about ``timeout_s``."""
+        millis = max(timeout_s, 0.001) * 1000
+
+        def push_and_close() -> None:
+            try:
+                self.push(timeout_s)
+            finally:
+                self.provider.shutdown(timeout_millis=millis)
+
         try:
-            self.push(timeout_s)
+            self._within(timeout_s, push_and_close, closing=True)
         finally:
+            # Here, not on that thread: the port is free once this returns.
             if self.endpoint is not None:
                 self.endpoint.close()
-            self.provider.shutdown(timeout_millis=max(timeout_s, 0.001) * 1000)
 
     def abandon_inherited(self) -> None:
         """In a forked child, after the fork: drop the parent's copy, export nothing."""
@@ -237,6 +365,7 @@ def build_metrics(
     push_readers: list[PeriodicExportingMetricReader] = []
     endpoint: Endpoint | None = None
     pull: MetricReader | None = None
+    guarded: list[_Guard] = []
     timeout_ms = _millis(environ, OTEL_METRIC_EXPORT_TIMEOUT, 30_000.0)
     for name in names:
         component = f"exporter.metrics.{name}"
@@ -249,15 +378,18 @@ def build_metrics(
                     endpoint, pull = serve(worker, config)
                     readers.append(pull)
                 continue
-            exporter = load_exporter(name, "metrics", environ)()
+            exporter = GuardedMetricExporter(
+                load_exporter(name, "metrics", environ)(), component, record
+            )
             # No interval: no thread of the SDK's own; ctxtrace's thread pushes.
             push = PeriodicExportingMetricReader(
-                GuardedMetricExporter(exporter, component, record),
+                exporter,
                 export_interval_millis=math.inf,
                 export_timeout_millis=timeout_ms,
             )
             readers.append(push)
             push_readers.append(push)
+            guarded.append(exporter)
         except Exception as exc:
             record(component, exc)
     if not readers:
@@ -276,5 +408,7 @@ def build_metrics(
         interval_s=_millis(environ, OTEL_METRIC_EXPORT_INTERVAL, 60_000.0) / 1000,
         timeout_s=timeout_ms / 1000,
         prometheus_reader=pull,
+        exporters=guarded,
+        record=record,
     )
 

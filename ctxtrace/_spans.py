@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _providers, _tracecarry
 from ._events import Anomaly, ContextInfo, ContextPopped, ContextPushed, Event, OutOfContextAccess
+from ._guard import run_within
 from ._version import VERSION
 
 if TYPE_CHECKING:
@@ -149,9 +150,18 @@ class SpanEmitter:
         return self._tracer
 
     def flush(self, timeout_s: float) -> None:
+        """Export what waits, within ``timeout_s`` even while an exporter hangs."""
+        private = self.private
+        if private is not None:
+            private.flush(timeout_s)
+            return
         provider = self._provider
         if provider is not None and hasattr(provider, "force_flush"):
-            provider.force_flush(int(max(timeout_s, 0.001) * 1000))
+            millis = int(max(timeout_s, 0.001) * 1000)
+            run_within(
+                timeout_s, lambda: provider.force_flush(millis), self.name,
+                self._agent.errors.record,
+            )
 
     def stop(self, timeout_s: float) -> None:
         # Contexts still waiting for a pop that will never be seen: end them now.
@@ -160,8 +170,8 @@ class SpanEmitter:
             self._context_span(anomalies[-1].context, anomalies[-1].carry, None, anomalies)
         private, self.private = self.private, None
         if private is not None:
-            private.flush(timeout_s)
-            private.shutdown()
+            # The shutdown exports what is queued first.
+            private.shutdown(timeout_s)
         elif self._provider is not None:
             self.flush(timeout_s)
         self._tracer = self._provider = None
