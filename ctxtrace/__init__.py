@@ -59,7 +59,11 @@ def instrument(**options: Any) -> bool:
 
 
 def uninstrument() -> bool:
-    """Remove every hook, restoring the identical original objects."""
+    """Remove every hook, restoring the identical original objects.
+
+    Requests in flight on other threads finish untouched, their pops done by
+    Flask's own methods; nothing they do from then on is reported.
+    """
     return _agent.stop()
 
 

@@ -137,6 +137,7 @@ class Agent:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.integrations: list[Callable[[], None]] = []
+        self.stopped = False
 
     def subscribe(self, emitter: Emitter) -> None:
         """Add an emitter to a running agent (tests, the pytest plugin)."""
@@ -164,6 +165,12 @@ class Agent:
             self.hooks.end_unit(handle.unit, handle.token)
 
     def _dispatch(self, event: Event) -> None:
+        if self.stopped:
+            # Wrappers entered before ``stop()`` still finish their work, and a
+            # request in flight then ends its unit in this ledger, which saw its
+            # pushes but not the pops Flask's own methods did since: stale news,
+            # never anomalies. A stopped agent reports nothing.
+            return
         for emitter in self.emitters:
             try:
                 emitter.handle(event)
@@ -205,6 +212,7 @@ class Agent:
         self.integrations = _integrations.install_all(self)
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        self.stopped = True
         _signals.uninstall()
         _integrations.uninstall_all(self, self.integrations)
         self.integrations = []

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 import redis
+from werkzeug.serving import make_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +47,22 @@ def wait_until(
             break
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:g} s waiting for {what}", pytrace=False)
+
+
+def run_threads(threads: list[threading.Thread], *, timeout: float, what: str) -> None:
+    """Start every thread and join them all within one deadline; fail if any still runs."""
+    for thread in threads:
+        thread.start()
+    join_threads(threads, timeout=timeout, what=what)
+
+
+def join_threads(threads: list[threading.Thread], *, timeout: float, what: str) -> None:
+    """Join every thread within one deadline; fail, naming ``what``, if any still runs."""
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    assert not stuck, f"{what} still running after {timeout:g} s: {stuck}"
 
 
 def stop(process: subprocess.Popen[Any], *, grace: float = 10.0, group: bool = False) -> None:
@@ -126,3 +144,26 @@ def python(*args: str, env: Mapping[str, str] | None = None, log: Path) -> subpr
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+@contextlib.contextmanager
+def werkzeug_server(app: Any, *, timeout: float = 10.0) -> Iterator[int]:
+    """werkzeug's threaded server (a thread per request) on a free loopback port; yields
+    the port. Stopping waits up to ``timeout`` for the serving thread."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="werkzeug-server")
+    thread.start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout)
+
+
+def wait_for_request_threads(timeout: float) -> None:
+    """werkzeug's request threads answer before their last line runs; let them all end."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if "process_request_thread" in thread.name:
+            thread.join(max(0.0, deadline - time.monotonic()))

@@ -1,9 +1,12 @@
-"""Turning ctxtrace on and off: identity, idempotence, threads, the extension, precedence."""
+"""Turning ctxtrace on and off: identity, idempotence, threads, the extension, precedence,
+and switching it while requests are in flight."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import flask
@@ -15,6 +18,7 @@ from flask import Flask
 import ctxtrace
 from ctxtrace import CtxTrace, _agent
 
+from ._servers import join_threads, wait_for_request_threads, werkzeug_server
 from ._support import Recorder
 
 # These tests turn ctxtrace on and off themselves (the pytest plugin's guard stands aside).
@@ -191,3 +195,207 @@ def test_suppressed_sites_are_not_reported(app: Flask, instrumented: Any) -> Non
     with pytest.raises(RuntimeError):
         flask.current_app.config  # noqa: B018 - the access is the point
     assert recorder.accesses() == []
+
+
+# -- switching while requests are in flight ----------------------------------
+
+#: Requests through a real threaded server, and plain threads, held mid-context.
+IN_FLIGHT_REQUESTS = 4
+IN_FLIGHT_THREADS = 2
+#: Every wait of these tests is bounded by this.
+WAIT_S = 10.0
+
+
+def _flask_stacks() -> list[object]:
+    """What is on this thread's Flask stacks (nothing, when every push was popped)."""
+    tops = []
+    for name in ("_cv_request", "_cv_app"):
+        var = vars(flask.globals).get(name)
+        if var is not None and var.get(None) is not None:
+            tops.append(var.get(None))
+    return tops
+
+
+class _Held:
+    """An app whose requests, and plain threads, wait mid-context until released.
+
+    A request ``/wait/N`` sets ``g.n`` in its own app context, then pushes a second
+    app context with ``with`` and waits inside it: its contexts are pushed before
+    the switch and popped after it. Then it pushes and pops a third, after the
+    switch, on top of its own. Its body, ``"N N /wait/N"``, is read after those
+    pops, so a pop that did not happen would show in it. A plain thread pushes a
+    test request context (with the app context Flask pushes for it) and pops it
+    after the wait. Each records what is left on its Flask stacks at its end, and
+    every teardown function counts its calls.
+    """
+
+    def __init__(self) -> None:
+        self.app = Flask("inflight")
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.teardowns: list[str] = []
+        self.stacks_at_end: list[list[object]] = []
+        self.seen: list[str] = []
+        self.errors: list[BaseException] = []
+        app = self.app
+
+        @app.teardown_request
+        def request_torn_down(exc: BaseException | None) -> None:
+            self.teardowns.append("request")
+
+        @app.teardown_appcontext
+        def app_torn_down(exc: BaseException | None) -> None:
+            self.teardowns.append("app")
+
+        @app.route("/wait/<int:n>")
+        def wait(n: int) -> str:
+            flask.g.n = n
+            with app.app_context():
+                flask.g.n = -1
+                self.entered.release()
+                self.gate.wait(WAIT_S)
+            with app.app_context():
+                flask.g.n = -2
+            return f"{n} {flask.g.n} {flask.request.path}"
+
+    def wsgi(self, environ: Any, start_response: Any) -> Any:
+        """The app as the server calls it, noting the stacks once the request is done."""
+        try:
+            return self.app(environ, start_response)
+        finally:
+            self.stacks_at_end.append(_flask_stacks())
+
+    def hold(self, n: int) -> None:
+        """A plain thread: a request context pushed by hand, held, popped."""
+        try:
+            ctx = self.app.test_request_context(f"/held/{n}")
+            ctx.push()
+            self.entered.release()
+            self.gate.wait(WAIT_S)
+            self.seen.append(flask.request.path)
+            ctx.pop()
+            self.stacks_at_end.append(_flask_stacks())
+        except BaseException as exc:  # reported in the test's thread
+            self.errors.append(exc)
+
+    def start(self, port: int) -> tuple[list[threading.Thread], list[tuple[int, int, str]]]:
+        """Send the requests and start the threads; return once every one is held."""
+        results: list[tuple[int, int, str]] = []
+
+        def client(n: int) -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
+            try:
+                connection.request("GET", f"/wait/{n}")
+                response = connection.getresponse()
+                results.append((n, response.status, response.read().decode()))
+            except BaseException as exc:  # reported in the test's thread
+                self.errors.append(exc)
+            finally:
+                connection.close()
+
+        threads = [
+            threading.Thread(target=client, args=(n,), name=f"inflight-client-{n}")
+            for n in range(IN_FLIGHT_REQUESTS)
+        ] + [
+            threading.Thread(target=self.hold, args=(n,), name=f"inflight-holder-{n}")
+            for n in range(IN_FLIGHT_THREADS)
+        ]
+        for thread in threads:
+            thread.start()
+        for _ in threads:
+            assert self.entered.acquire(timeout=WAIT_S), "a request never reached its wait"
+        return threads, results
+
+    def release(self, threads: list[threading.Thread], results: list[tuple[int, int, str]]) -> None:
+        """Let everything finish, then check it went exactly as it does without ctxtrace."""
+        self.gate.set()
+        join_threads(threads, timeout=WAIT_S, what="released clients and threads")
+        wait_for_request_threads(WAIT_S)
+        assert self.errors == []
+        assert sorted(results) == [
+            (n, 200, f"{n} {n} /wait/{n}") for n in range(IN_FLIGHT_REQUESTS)
+        ]
+        assert sorted(self.seen) == [f"/held/{n}" for n in range(IN_FLIGHT_THREADS)]
+        assert self.stacks_at_end == [[]] * (IN_FLIGHT_REQUESTS + IN_FLIGHT_THREADS)
+        # Per request: its own teardown, its app context's and the two inner ones';
+        # per thread: the request context's and its app context's.
+        assert sorted(self.teardowns) == sorted(
+            ["request"] * (IN_FLIGHT_REQUESTS + IN_FLIGHT_THREADS)
+            + ["app"] * (3 * IN_FLIGHT_REQUESTS + IN_FLIGHT_THREADS)
+        )
+
+    def run_clean(self, port: int) -> None:
+        """The same traffic again, nothing held (the gate stays open)."""
+        self.teardowns.clear()
+        self.stacks_at_end.clear()
+        self.seen.clear()
+        self.release(*self.start(port))
+
+
+def _check_clean_round(recorder: Recorder, agent: _agent.Agent, earlier_apps: int) -> None:
+    """A round run wholly under ``agent``: no anomaly, and exactly its pushes and pops,
+    plus ``earlier_apps`` app contexts pushed and popped under it in the held round."""
+    agent.sweep()
+    assert recorder.anomalies() == [] and recorder.accesses() == []
+    counts = {
+        (s.kind, s.pushes, s.pops, s.active) for s in agent.ledger.snapshot() if s.app == "inflight"
+    }
+    requests = IN_FLIGHT_REQUESTS + IN_FLIGHT_THREADS
+    apps = 3 * IN_FLIGHT_REQUESTS + IN_FLIGHT_THREADS + earlier_apps
+    assert counts == {("request", requests, requests, 0), ("app", apps, apps, 0)}
+    assert agent.ledger.live_count() == 0
+    assert agent.errors.counts() == {}
+
+
+@pytest.mark.parametrize("switch_on_again", [False, True], ids=["off", "off-then-on"])
+def test_uninstrument_while_requests_are_in_flight(
+    instrumented: Callable[..., Recorder], switch_on_again: bool
+) -> None:
+    """Hooks taken off mid-request: same answers, every pop and teardown, nothing reported."""
+    held = _Held()
+    before = instrumented()
+    stopped = _agent.current()
+    assert stopped is not None
+    with werkzeug_server(held.wsgi, timeout=WAIT_S) as port:
+        threads, results = held.start(port)
+        assert ctxtrace.uninstrument()
+        # Optionally on again before the held contexts are popped: the new agent
+        # never saw their pushes, and must not take their pops for mistakes.
+        after = instrumented() if switch_on_again else None
+        held.release(threads, results)
+        stopped.sweep()
+        # The stopped agent saw the pushes but not the pops, and says nothing of them.
+        assert before.anomalies() == [] and before.accesses() == []
+        assert stopped.errors.counts() == {}
+        if after is None:
+            after = instrumented()
+        else:
+            assert after.anomalies() == []
+        after.clear()
+        agent = _agent.current()
+        assert agent is not None and agent is not stopped
+        held.run_clean(port)
+    # Turned on before the release, it saw (only) the app contexts pushed after it.
+    _check_clean_round(after, agent, IN_FLIGHT_REQUESTS if switch_on_again else 0)
+
+
+def test_instrument_while_requests_are_in_flight(instrumented: Callable[..., Recorder]) -> None:
+    """Contexts pushed before instrument() and popped after it: no anomaly, not counted."""
+    held = _Held()
+    assert not ctxtrace.is_instrumented()
+    with werkzeug_server(held.wsgi, timeout=WAIT_S) as port:
+        threads, results = held.start(port)
+        recorder = instrumented()
+        agent = _agent.current()
+        assert agent is not None
+        held.release(threads, results)
+        agent.sweep()
+        assert recorder.anomalies() == [] and recorder.accesses() == []
+        # Pops of contexts it never saw pushed are no news to the ledger; it counts
+        # the one app context each request pushed after it, on top of those.
+        counts = {
+            (s.kind, s.pushes, s.pops) for s in agent.ledger.snapshot() if s.app == "inflight"
+        }
+        assert counts == {("app", IN_FLIGHT_REQUESTS, IN_FLIGHT_REQUESTS)}
+        held.run_clean(port)
+    _check_clean_round(recorder, agent, IN_FLIGHT_REQUESTS)

@@ -13,7 +13,6 @@ this test checks: the same exact counts as with real threads.
 from __future__ import annotations
 
 import collections
-import contextlib
 import http.client
 import importlib.util
 import json
@@ -22,17 +21,22 @@ import random
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from werkzeug.serving import make_server
 
 from ctxtrace import _agent
 
-from ._servers import REPO, free_port, stop, wait_until
+from ._servers import (
+    REPO,
+    free_port,
+    run_threads,
+    stop,
+    wait_for_request_threads,
+    wait_until,
+    werkzeug_server,
+)
 from .fixtures import load_app
 
 THREADS = 16
@@ -96,12 +100,7 @@ def drive(port: int, plan: Plan) -> list[tuple[str, int, int, str]]:
         threading.Thread(target=client, args=(requests,), name=f"load-client-{i}")
         for i, requests in enumerate(plan)
     ]
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    for thread in clients:
-        thread.start()
-    for thread in clients:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in clients), "clients still running at the deadline"
+    run_threads(clients, timeout=RUN_TIMEOUT_S, what="load clients")
     assert errors == []
     return results
 
@@ -144,28 +143,6 @@ def check_counts(plan: Plan, counts: dict[str, int], merged: bool, extra: list[s
 # -- threads ----------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def werkzeug_server(app: Any) -> Iterator[int]:
-    """werkzeug's threaded server (a thread per request) on a free loopback port."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="load-server")
-    thread.start()
-    try:
-        yield server.server_port
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(REQUEST_TIMEOUT_S)
-
-
-def _wait_for_request_threads() -> None:
-    """Request threads answer before their last line runs; let them all end."""
-    deadline = time.monotonic() + REQUEST_TIMEOUT_S
-    for thread in threading.enumerate():
-        if "process_request_thread" in thread.name:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-
 def test_threaded_server_counts_every_anomaly_once(instrumented: Any) -> None:
     """2400 requests from 16 threads, 30 % going wrong: exact anomalies and counters."""
     recorder = instrumented()
@@ -175,7 +152,7 @@ def test_threaded_server_counts_every_anomaly_once(instrumented: Any) -> None:
     plan = make_plan()
     with werkzeug_server(app) as port:
         results = drive(port, plan)
-    _wait_for_request_threads()
+    wait_for_request_threads(REQUEST_TIMEOUT_S)
     # What the watchdog does; it must not find anything the requests did not.
     agent.sweep()
     check_responses(plan, results)
