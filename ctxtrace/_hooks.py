@@ -529,6 +529,7 @@ class Hooks:
         begin_request = self.ledger.begin_request
         unit_now = self.ledger.current_unit
         end_unit = self.ledger.end_unit
+        leave_unit = self.ledger.leave_unit
         repair = self.repair
 
         def wrapper(self: Any, environ: Any, start_response: Any) -> Any:
@@ -549,7 +550,13 @@ class Hooks:
                 return original(self, environ, start_response)
             finally:
                 try:
-                    leftovers = end_unit(unit, unit.token, repair)
+                    if hooks.active:
+                        leftovers = end_unit(unit, unit.token, repair)
+                    else:
+                        # Switched off mid-request: its pops went to Flask alone,
+                        # so judging the unit would report leaks that are not there.
+                        leftovers = []
+                        leave_unit(unit.token)
                 except Exception as exc:
                     errors.record("hooks", exc)
                 else:

@@ -23,6 +23,7 @@ immutable ``(entry, below, depth)`` tuples because a copied Context shares them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import threading
@@ -850,6 +851,11 @@ class Ledger:
                             )
                     return
                 node = node[1]
+
+    def leave_unit(self, token: Token[_UnitState | None]) -> None:
+        """Leave a unit without judging it: the agent was switched off while it ran."""
+        with contextlib.suppress(ValueError):  # reset in another Context
+            self._unit.reset(token)
 
     def end_unit(
         self, unit: _UnitState, token: Token[_UnitState | None] | None, repair: bool = False

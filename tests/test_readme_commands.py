@@ -26,10 +26,12 @@ from ._servers import REPO, wait_until
 README = REPO / "README.md"
 BIN = Path(sys.executable).parent
 DEMO_SETUP = (
-    "python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[demo]' && ctxtrace demo"
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -q --upgrade pip"
+    " && pip install -q -e '.[demo]' && ctxtrace demo"
 )
 TEST_SETUP = (
-    "python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[test]' && pytest"
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -q --upgrade pip"
+    " && pip install -q -e '.[test]' && pytest"
 )
 SITE = re.compile(r"[\w./-]+\.py:\d+")
 

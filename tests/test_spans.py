@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import threading
 import time
@@ -22,7 +23,7 @@ from opentelemetry.trace import StatusCode
 
 from ctxtrace import _agent, _providers
 
-from ._support import line_of
+from ._support import clear_flask_stacks, line_of
 
 
 @pytest.fixture
@@ -79,10 +80,15 @@ def traced_app(provider: tuple[TracerProvider, InMemorySpanExporter]) -> Iterato
         return "left one pushed"
 
     FlaskInstrumentor().instrument_app(app, tracer_provider=provider[0])
-    # A leaked request context stops the instrumentation from detaching its span;
-    # put the OpenTelemetry context back as it was, for the tests after this one.
+    # A leaked request context skips the instrumentation's teardown, so its span
+    # stays attached; its activation, once garbage, detaches whenever the collector
+    # gets to it, wiping the OpenTelemetry context of whatever runs then (a later
+    # test). Pop the leftovers (the teardown detaches) and collect, then put the
+    # context back as it was.
     token = otel_context.attach(otel_context.Context())
     yield app
+    clear_flask_stacks()
+    gc.collect()
     otel_context.detach(token)
     FlaskInstrumentor().uninstrument_app(app)
 
