@@ -131,7 +131,8 @@ def _environment(work: Path, target: str, requirement: str | Path) -> Path:
     _run(
         [
             str(python), "-m", "pip", "install", "-q", str(requirement), "-e", str(REPO),
-            "pytest>=8", "hypothesis>=6.100",
+            # The redis client: tests/_servers.py, shared by the core tests, imports it.
+            "pytest>=8", "hypothesis>=6.100", "redis>=5",
         ]
     )
     stamp.write_text(str(requirement))
