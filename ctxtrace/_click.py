@@ -17,7 +17,7 @@ import click
 
 from . import _agent, _worker
 from ._integration_kit import set_role
-from ._patching import Patch
+from ._patching import put_wrapper
 
 if TYPE_CHECKING:
     from ._agent import Agent, UnitHandle
@@ -34,17 +34,7 @@ def install(agent: Agent) -> Callable[[], None]:
                 agent.errors.record("click", exc)
         return original(self, ctx)
 
-    invoke.__name__ = original.__name__
-    invoke.__qualname__ = original.__qualname__
-    invoke.__doc__ = original.__doc__
-    invoke.__wrapped__ = original  # type: ignore[attr-defined]
-    patch = Patch(click.Command, "invoke", invoke)
-    patch.apply()
-
-    def remove() -> None:
-        patch.revert()
-
-    return remove
+    return put_wrapper(click.Command, "invoke", invoke, original)
 
 
 def _begin(agent: Agent, command: click.Command, ctx: click.Context) -> None:

@@ -40,7 +40,7 @@ from ._events import Kind, Phase, Site
 from ._flaskshape import FlaskShape
 from ._guard import InternalErrors
 from ._ledger import DISPATCHING, FINISHED, Ledger
-from ._patching import Patch
+from ._patching import Patch, copy_names
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_NAME: Final = 120
@@ -183,7 +183,7 @@ class Hooks:
             wrapper = self._push_app(original, after)
         else:
             wrapper = self._push_dispatching(original, fixed_kind, after)
-        _copy_names(wrapper, original)
+        copy_names(wrapper, original)
         return wrapper
 
     def _after_push(self, fixed_kind: Kind | None) -> _AfterPush:
@@ -419,7 +419,7 @@ class Hooks:
             wrapper = self._pop(original, slot, top_of_stack)
         else:
             wrapper = self._pop_any(original, slot, top_of_stack)
-        _copy_names(wrapper, original)
+        copy_names(wrapper, original)
         return wrapper
 
     def _pop(
@@ -563,7 +563,7 @@ class Hooks:
                     for ctx in leftovers:
                         hooks._repair(ctx)
 
-        _copy_names(wrapper, original)
+        copy_names(wrapper, original)
         return wrapper
 
     def _end_unit(self, unit: Any, token: Any) -> None:
@@ -630,7 +630,7 @@ class Hooks:
                         hooks.errors.record("hooks", internal)
                 raise
 
-        _copy_names(_get_current_object, original)
+        copy_names(_get_current_object, original)
         return _get_current_object
 
     def _failed_lookup(self, proxy: str, exc: RuntimeError, above: int) -> None:
@@ -676,7 +676,7 @@ def _with_failure_hook(
         code, namespace, lookup.__name__, lookup.__defaults__, lookup.__closure__
     )
     clone.__kwdefaults__ = lookup.__kwdefaults__
-    _copy_names(clone, lookup)
+    copy_names(clone, lookup)
     return clone
 
 
@@ -747,9 +747,3 @@ def _stream_generator_code() -> Any:
     return flask.helpers.stream_with_context.__code__
 
 
-def _copy_names(wrapper: Callable[..., Any], original: Callable[..., Any]) -> None:
-    """Keep the wrapped method's identity for introspection, without functools overhead."""
-    wrapper.__name__ = getattr(original, "__name__", wrapper.__name__)
-    wrapper.__qualname__ = getattr(original, "__qualname__", wrapper.__qualname__)
-    wrapper.__doc__ = original.__doc__
-    wrapper.__wrapped__ = original  # type: ignore[attr-defined]

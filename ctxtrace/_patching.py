@@ -7,6 +7,7 @@ our wrapper inside it turns itself into a plain pass-through.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,3 +47,25 @@ class Patch:
         else:
             setattr(self.target, self.attr, self.original)
         return True
+
+
+def copy_names(wrapper: Callable[..., Any], original: Callable[..., Any]) -> None:
+    """Keep the wrapped method's identity for introspection, without functools overhead."""
+    wrapper.__name__ = getattr(original, "__name__", wrapper.__name__)
+    wrapper.__qualname__ = getattr(original, "__qualname__", wrapper.__qualname__)
+    wrapper.__doc__ = original.__doc__
+    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+
+
+def put_wrapper(
+    target: Any, attr: str, wrapper: Callable[..., Any], original: Callable[..., Any]
+) -> Callable[[], None]:
+    """Put ``wrapper`` (of ``original``) at ``target.attr``, named like it; returns the undo."""
+    copy_names(wrapper, original)
+    patch = Patch(target, attr, wrapper)
+    patch.apply()
+
+    def remove() -> None:
+        patch.revert()
+
+    return remove

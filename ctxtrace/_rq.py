@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _agent
 from ._integration_kit import FLUSH_TIMEOUT_S, on_import, set_role
-from ._patching import Patch
+from ._patching import put_wrapper
 
 if TYPE_CHECKING:
     from ._agent import Agent
@@ -63,17 +63,7 @@ def _patch(agent: Agent, rq: ModuleType) -> Callable[[], None]:
             except Exception as exc:
                 agent.errors.record("rq", exc)
 
-    perform_job.__name__ = original.__name__
-    perform_job.__qualname__ = original.__qualname__
-    perform_job.__doc__ = original.__doc__
-    perform_job.__wrapped__ = original  # type: ignore[attr-defined]
-    patch = Patch(cls, "perform_job", perform_job)
-    patch.apply()
-
-    def remove() -> None:
-        patch.revert()
-
-    return remove
+    return put_wrapper(cls, "perform_job", perform_job, original)
 
 
 def _job_name(job: Any) -> str:

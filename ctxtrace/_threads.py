@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _agent, _units
-from ._patching import Patch
+from ._patching import put_wrapper
 
 if TYPE_CHECKING:
     from ._agent import Agent
@@ -41,17 +41,7 @@ def install(agent: Agent) -> Callable[[], None]:
                 agent.errors.record("threads", exc)
         return original(self)
 
-    start.__name__ = original.__name__
-    start.__qualname__ = original.__qualname__
-    start.__doc__ = original.__doc__
-    start.__wrapped__ = original  # type: ignore[attr-defined]
-    patch = Patch(threading.Thread, "start", start)
-    patch.apply()
-
-    def remove() -> None:
-        patch.revert()
-
-    return remove
+    return put_wrapper(threading.Thread, "start", start, original)
 
 
 def _wrap_run(agent: Agent, thread: threading.Thread) -> None:
