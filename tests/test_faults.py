@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import http.server
 import json
 import os
 import socket
@@ -32,6 +31,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 import ctxtrace
 from ctxtrace import _agent, _providers
 
+from ._otlp import Receiver
 from ._servers import REPO, free_port, wait_until
 
 #: What a request may take at most, whatever the exporters do: well under every hang below.
@@ -121,41 +121,6 @@ def running() -> _agent.Agent:
 # -- OTLP -------------------------------------------------------------------------
 
 
-class Collector:
-    """An OTLP/HTTP endpoint on 127.0.0.1 that answers as told: at once, slowly, never
-    (within ``HANG_S``) or with 500."""
-
-    def __init__(self, behaviour: str) -> None:
-        self.requests = 0
-        collector = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                collector.requests += 1
-                if behaviour == "hang":
-                    time.sleep(HANG_S)
-                elif behaviour == "slow":
-                    time.sleep(0.3)
-                self.send_response(500 if behaviour == "500" else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True  # a hanging handler must not hold up close()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 @pytest.fixture
 def collector(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     """``(behaviour, url)``; ``down``: a free port nothing listens on."""
@@ -163,7 +128,8 @@ def collector(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     if behaviour == "down":
         yield behaviour, f"http://127.0.0.1:{free_port()}"
         return
-    server = Collector(behaviour)
+    delay = {"hang": HANG_S, "slow": 0.3}.get(behaviour, 0.0)
+    server = Receiver(status=500 if behaviour == "500" else 200, delay=delay)
     try:
         yield behaviour, server.url
     finally:
