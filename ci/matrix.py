@@ -39,6 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+# Run as a script: this folder is on sys.path, so the sibling script is importable.
+from flask_suite import export_flask_main
+
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "compatibility.md"
 BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
@@ -97,27 +100,6 @@ def _versions(python: Path) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def _flask_main_source(work: Path, git_dir: Path) -> tuple[Path, str]:
-    """Flask's main branch exported from the bare clone; its folder and commit."""
-    commit = _run(["git", f"--git-dir={git_dir}", "rev-parse", "HEAD"]).stdout.strip()
-    when = _run(
-        ["git", f"--git-dir={git_dir}", "log", "-1", "--format=%cs", "HEAD"]
-    ).stdout.strip()
-    source = work / f"flask-main-{commit[:12]}"
-    if not (source / "pyproject.toml").exists():
-        source.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.Popen(
-            ["git", f"--git-dir={git_dir}", "archive", "HEAD"], stdout=subprocess.PIPE
-        )
-        try:
-            subprocess.run(["tar", "-x", "-C", str(source)], stdin=archive.stdout, check=True)
-        finally:
-            if archive.stdout is not None:
-                archive.stdout.close()
-            archive.wait(60)
-    return source, f"{commit[:12]} ({when})"
-
-
 def _environment(work: Path, target: str, requirement: str | Path) -> Path:
     """A venv with this Flask and ctxtrace; reused when it already has that Flask."""
     venv = work / f"venv-flask-{target}"
@@ -162,7 +144,7 @@ def run_target(work: Path, target: str, tests: Sequence[str], git_dir: Path) -> 
         if not (git_dir / "HEAD").exists():
             outcome.note = f"not run: no clone of pallets/flask at {git_dir}"
             return outcome
-        requirement, outcome.note = _flask_main_source(work, git_dir)
+        requirement, outcome.note = export_flask_main(work, git_dir)
     else:
         requirement = str(TARGETS[target])
     try:
