@@ -295,7 +295,7 @@ def timing_worker(config: str, name: str, loops: int, clock: str) -> None:
 
 
 def callgrind_worker(config: str, plan: str) -> None:
-    """Run each ``workload:short:long`` of ``plan`` twice, ``os.getppid()`` around each run."""
+    """Run each ``workload:short:long`` of ``plan``, ``os.getppid()`` around each run."""
     app = configured_app(config)
     for item in plan.split(","):
         name, short, long = item.split(":")
@@ -476,8 +476,7 @@ def server_runs(rounds: int, seconds: float, threads: int) -> list[ServerRun]:
     ]
 
 
-# Calls per callgrind run, short and long, by workload, in the order they run
-# (proxy_access leaves its app context pushed, so it comes last).
+# Calls per callgrind run, short and long, by workload.
 CALLGRIND_CALLS: dict[str, tuple[int, int]] = {
     "request": (200, 1200),
     "wsgi_app": (200, 1200),
@@ -485,48 +484,53 @@ CALLGRIND_CALLS: dict[str, tuple[int, int]] = {
     "proxy_access": (5000, 30000),
 }
 CALLGRIND_SMOKE_DIVISOR = 40
+#: What the smoke counts: one workload, so that its two valgrind processes start at once.
+CALLGRIND_SMOKE_WORKLOADS = ("wsgi_app",)
 
 
-def instructions(divisor: int = 1) -> dict[str, dict[str, float]]:
+def instructions(smoke: bool = False) -> dict[str, dict[str, float]]:
     """Instructions per call by workload and configuration, from callgrind (if installed).
 
-    Instruction counts do not depend on what else the machine runs, so both
-    configurations run at once.
+    Each (configuration, workload) in a process of its own, like the timings: in
+    one process, a workload run after another inherited its state (a duration
+    buffer the metrics thread was still draining) and counted 30 % more. Instruction
+    counts do not depend on what else the machine runs, so two processes run at once.
     """
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         return {}
-    lengths = {n: (s // divisor, lo // divisor) for n, (s, lo) in CALLGRIND_CALLS.items()}
-    plan = ",".join(f"{n}:{s}:{lo}" for n, (s, lo) in lengths.items())
-    configs = ("bare", "ctxtrace")
-    per_call: dict[str, dict[str, float]] = {name: {} for name in lengths}
+    divisor = CALLGRIND_SMOKE_DIVISOR if smoke else 1
+    names = CALLGRIND_SMOKE_WORKLOADS if smoke else tuple(CALLGRIND_CALLS)
+    cells = [(name, config) for name in names for config in ("bare", "ctxtrace")]
+    per_call: dict[str, dict[str, float]] = {name: {} for name in names}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {
-            config: subprocess.Popen(
-                [
-                    valgrind, "--tool=callgrind", "--dump-before=getppid",
-                    "--separate-threads=yes",
-                    f"--callgrind-out-file={tmp}/{config}.out",
-                    sys.executable, __file__, "--callgrind-worker", config, plan,
-                ],
-                env=child_env(PYTHONHASHSEED="0"),
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            )
-            for config in configs
-        }
-        for config, run in runs.items():
-            _, stderr = run.communicate()
-            if run.returncode != 0:
-                raise RuntimeError(f"callgrind run of {config} failed:\n{stderr[-2000:]}")
-            # One dump per marker, numbered, of the main thread (file suffix -01); the
-            # last two per workload are its runs.
-            dumps = sorted(
-                Path(tmp).glob(f"{config}.out.*-01"),
-                key=lambda p: int(p.name.rsplit(".", 1)[1].split("-")[0]),
-            )[-2 * len(lengths) :]
-            totals = [_callgrind_total(p) for p in dumps]
-            for i, (name, (short, long)) in enumerate(lengths.items()):
-                per_call[name][config] = (totals[2 * i + 1] - totals[2 * i]) / (long - short)
+        for pair in (cells[i : i + 2] for i in range(0, len(cells), 2)):
+            runs = {}
+            for name, config in pair:
+                short, long = (n // divisor for n in CALLGRIND_CALLS[name])
+                runs[(name, config)] = (short, long), subprocess.Popen(
+                    [
+                        valgrind, "--tool=callgrind", "--dump-before=getppid",
+                        "--separate-threads=yes",
+                        f"--callgrind-out-file={tmp}/{name}-{config}.out",
+                        sys.executable, __file__, "--callgrind-worker", config,
+                        f"{name}:{short}:{long}",
+                    ],
+                    env=child_env(PYTHONHASHSEED="0"),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                )
+            for (name, config), ((short, long), run) in runs.items():
+                _, stderr = run.communicate()
+                if run.returncode != 0:
+                    raise RuntimeError(f"callgrind run of {config} failed:\n{stderr[-2000:]}")
+                # One dump per marker, numbered, of the main thread (file suffix -01);
+                # the last two are the short and the long run.
+                dumps = sorted(
+                    Path(tmp).glob(f"{name}-{config}.out.*-01"),
+                    key=lambda p: int(p.name.rsplit(".", 1)[1].split("-")[0]),
+                )[-2:]
+                totals = [_callgrind_total(p) for p in dumps]
+                per_call[name][config] = (totals[1] - totals[0]) / (long - short)
     return per_call
 
 
@@ -854,7 +858,7 @@ def main() -> None:
     part("timings")
     runs = server_runs(args.rounds, args.server_seconds, args.client_threads)
     part("gunicorn")
-    instr = instructions(CALLGRIND_SMOKE_DIVISOR if args.smoke else 1)
+    instr = instructions(args.smoke)
     part("callgrind")
     soak = memory(args.contexts, args.cap, args.smoke)
     part("memory")
