@@ -322,11 +322,16 @@ def test_report_from_a_prometheus_server(tmp_path: Path) -> None:
                 urllib.request.urlopen(server.url + "/items", timeout=5).close()
 
             def scraped() -> bool:
+                """Every wrong pop counted, and both workers scraped (one may have served
+                all three wrong pops before Prometheus found the other)."""
                 try:
                     found = _query(base, "sum(ctxtrace_anomalies_total{anomaly='wrong_pop'})")
+                    seen = _report.Report()
+                    _report.add_prometheus(seen, base, 300)
                 except OSError:
                     return False
-                return bool(found) and float(found[0]["value"][1]) == 3
+                gunicorn = [w for w in seen.workers if w.endswith(":gunicorn")]
+                return bool(found) and float(found[0]["value"][1]) == 3 and len(gunicorn) == 2
 
             wait_until(scraped, timeout=30, interval=0.5, what="Prometheus to scrape the workers")
             out = tmp_path / "report.html"
