@@ -465,8 +465,10 @@ class Hooks:
                         if unit is not None and unit.dispatch is self:
                             # Counted when the unit ends (``Ledger.end_unit``).
                             unit.dispatch = FINISHED
-                        elif id(self) in records:
-                            popped(self, slot)
+                        else:
+                            entry = records.get(id(self))
+                            if entry is not None:
+                                popped(self, slot, entry)
                     except Exception as error:
                         errors.record("hooks", error)
             try:
@@ -509,7 +511,9 @@ class Hooks:
                     elif unit is not None and unit.dispatch is self:
                         unit.dispatch = FINISHED
                     else:
-                        ledger.popped(self, slot)
+                        entry = ledger.records.get(id(self))
+                        if entry is not None:
+                            ledger.popped(self, slot, entry)
                 except Exception as error:
                     errors.record("hooks", error)
 

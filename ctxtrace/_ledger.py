@@ -83,6 +83,10 @@ REQUEST_SIDE: Final = 0
 APP_SIDE: Final = 1
 
 
+# Units are numbered per process, when first described.
+_UNIT_IDS: Final = itertools.count(1)
+
+
 def _is_context(state: object) -> bool:
     """Whether a unit's dispatch state is a context (pushed, untracked), not a marker."""
     return state is not None and state.__class__ is not _Marker
@@ -143,44 +147,35 @@ class _UnitState:
     depths, ids and full records wait in ``detail`` until something needs them.
     """
 
-    __slots__ = (
-        "_id", "_ids", "_info", "app_stats", "checked", "detail", "dispatch", "dispatch_app",
-        "finished", "kind", "name", "parent", "pushed_ns", "stats", "thread", "token", "tracked",
-    )
+    # No ``__slots__``: the class holds every default, so starting a request (on
+    # every request) stores two attributes, not a dozen.
+    kind = "request"
+    name = "request"
+    finished = False
+    checked = False
+    # Whether a tracked context was pushed in this unit: only then can it leave any.
+    tracked = False
+    dispatch: object = None
+    dispatch_app: object = None
+    detail: _DispatchDetail | None = None
+    _id = 0
+    _info: Unit | None = None
     # Set when the request context is pushed (read only once ``dispatch`` is a context).
     stats: _Stats
     app_stats: _Stats
     thread: _ThreadState
     pushed_ns: int
-    detail: _DispatchDetail | None
 
-    def __init__(
-        self,
-        ids: itertools.count[int],
-        kind: str,
-        name: str,
-        current: ContextVar[_UnitState | None],
-    ) -> None:
-        """A unit, made the current one of ``current``; ``ids`` numbers it when first asked."""
-        self._ids = ids
-        self._id = 0
-        self._info: Unit | None = None
-        self.kind = kind
-        self.name = name
+    def __init__(self, current: ContextVar[_UnitState | None]) -> None:
+        """A request unit, made the current one of ``current`` (other kinds are renamed after)."""
         self.parent = current.get()
         self.token: Token[_UnitState | None] = current.set(self)
-        self.finished = False
-        self.checked = False
-        # Whether a tracked context was pushed in this unit: only then can it leave any.
-        self.tracked = False
-        self.dispatch: object = None
-        self.dispatch_app: object = None
 
     @property
     def id(self) -> int:
         """The unit's number, given on first use: most requests never need one."""
         if not self._id:
-            self._id = next(self._ids)
+            self._id = next(_UNIT_IDS)
         return self._id
 
     def info(self) -> Unit:
@@ -312,15 +307,12 @@ class Ledger:
         self._request_var = self._stacks[self.request_slot]
         self._app_var = self._stacks.get("app", self._request_var)
         self._unit: ContextVar[_UnitState | None] = ContextVar("ctxtrace.unit", default=None)
-        self._unit_ids = itertools.count(1)
         #: The unit of work running in this Context, if any (the ContextVar's own ``get``:
         #: every push asks, and a method around it would cost a Python call).
         self.current_unit: Callable[[], _UnitState | None] = self._unit.get
         #: A request starts (``Flask.__call__``): a unit, its token kept on it. Its
         #: stale check waits for the dispatch, which names it after its endpoint.
-        self.begin_request: Callable[[], _UnitState] = functools.partial(
-            _UnitState, self._unit_ids, "request", "request", self._unit
-        )
+        self.begin_request: Callable[[], _UnitState] = functools.partial(_UnitState, self._unit)
         self._tls = threading.local()
         self._live: dict[int, _Entry] = {}
         #: Which contexts have records, by ``id()``; read-only for the hook layer: a
@@ -337,6 +329,10 @@ class Ledger:
         self._detect = policy.detect
         self._check_stale = "stale_context" in policy.detect
         self._cap = policy.cap
+        self.push: Callable[
+            [object, _Stats, str, Site | None, bool, _UnitState | None], None
+        ] = self._build_push()
+        self.popped: Callable[[object, str, _Entry], None] = self._build_popped()
 
     # -- per-thread facts -------------------------------------------------
 
@@ -372,7 +368,75 @@ class Ledger:
 
     # -- pushes and pops of tracked contexts --------------------------------
 
-    def push(
+    def _build_push(self) -> Callable[..., None]:
+        """``push(ctx, stats, slot, site, streaming, unit)``: Flask pushed ``ctx``.
+
+        ``ctx`` is counted in ``stats``, sits on stack ``slot`` and was pushed
+        from ``site``; ``unit`` is the current unit of work. Pushed above a
+        request's own untracked contexts, ``ctx`` first gives those their
+        records, so the mirror holds the whole stack before anything can go
+        wrong on it.
+
+        Every user push runs this, so it is a closure over what it reads (a
+        free variable costs one instruction, ``self.x`` two) and the uncommon
+        cases (a context pushed again, the cap reached) leave it at once.
+        """
+        ledger = self
+        live = self._live
+        stacks = self._stacks
+        ids = self._ids
+        clock = self._clock
+        capture = self._capture
+        cap = self._cap
+        lifecycle = self._lifecycle
+        promote_all = self._promote_all
+        ref = weakref.ref
+
+        def push(
+            ctx: object,
+            stats: _Stats,
+            slot: str,
+            site: Site | None,
+            streaming: bool,
+            unit: _UnitState | None,
+        ) -> None:
+            if unit is not None:
+                unit.tracked = True
+                state = unit.dispatch
+                # ``dispatch_live``, inlined.
+                if unit.parent is not None or (
+                    state is not None and state.__class__ is not _Marker
+                ):
+                    promote_all(unit)
+            key = id(ctx)
+            if key in live or len(live) >= cap:
+                ledger._push_uncommon(ctx, stats, slot, site, streaming, unit)
+                return
+            try:
+                thread: _ThreadState = ledger._tls.state
+            except AttributeError:
+                thread = ledger._thread()
+            var = stacks[slot]
+            below = var.get()
+            depth = 1 if below is None else below[2] + 1
+            entry = [
+                next(ids), ref(ctx), stats, site, thread, clock(), unit, depth, 1,
+                STREAMING if streaming else 0, None,
+                capture() if capture is not None else None,
+            ]
+            live[key] = entry
+            var.set((entry, below, depth))
+            next(stats.pushes)
+            if depth > ledger.depth_max:  # noqa: PLR1730 - cheaper than max() here
+                ledger.depth_max = depth
+            if thread.flight is not None:
+                thread.flight.append(("push", entry))
+            if lifecycle:
+                ledger._emit(ContextPushed(_info(entry), entry[CARRY]))
+
+        return push
+
+    def _push_uncommon(
         self,
         ctx: object,
         stats: _Stats,
@@ -381,110 +445,74 @@ class Ledger:
         streaming: bool,
         unit: _UnitState | None,
     ) -> None:
-        """Flask pushed ``ctx`` (counted in ``stats``, on stack ``slot``) from ``site``.
-
-        ``unit`` is the current unit of work. Pushed above a request's own
-        untracked contexts, ``ctx`` first gives those their records, so the
-        mirror holds the whole stack before anything can go wrong on it.
-        """
-        if unit is not None:
-            unit.tracked = True
-            if unit.parent is not None or unit.dispatch_live():
-                self._promote_all(unit)
-        try:
-            thread: _ThreadState = self._tls.state
-        except AttributeError:
-            thread = self._thread()
-        var = self._stacks[slot]
-        key = id(ctx)
-        entry = self._live.get(key)
+        """A push of a context that has a record already, or one past the cap."""
+        entry = self._live.get(id(ctx))
         if entry is not None:
             if entry[REF]() is ctx and entry[COUNT] > 0:
+                thread = self._thread()
                 entry[COUNT] += 1
                 if streaming:
                     entry[FLAGS] |= STREAMING
                 if self._repush_stacks:
+                    var = self._stacks[slot]
                     below = var.get()
                     var.set((entry, below, 1 if below is None else below[2] + 1))
                 if thread.flight is not None:
                     thread.flight.append(("push", entry))
                 return
+            # A record whose object was freed and whose id ``ctx`` reuses.
             self._retire_stale(entry)
-        if len(self._live) >= self._cap:
-            next(self.dropped_contexts)
-            return
-        next(stats.pushes)
-        below = var.get()
-        depth = 1 if below is None else below[2] + 1
-        entry = [
-            next(self._ids), weakref.ref(ctx), stats, site, thread, self._clock(),
-            unit, depth, 1, STREAMING if streaming else 0, None,
-            self._capture() if self._capture is not None else None,
-        ]
-        self._live[key] = entry
-        var.set((entry, below, depth))
-        if depth > self.depth_max:  # noqa: PLR1730 - cheaper than max() on the push path
-            self.depth_max = depth
-        if thread.flight is not None:
-            thread.flight.append(("push", entry))
-        if self._lifecycle:
-            self._emit(ContextPushed(_info(entry), entry[CARRY]))
+            if len(self._live) < self._cap:
+                self.push(ctx, stats, slot, site, streaming, unit)
+                return
+        next(self.dropped_contexts)
 
-    def popped(self, ctx: object, slot: str) -> None:
-        """Flask popped ``ctx`` while it was on top of its stack: the healthy pop.
+    def _build_popped(self) -> Callable[[object, str, _Entry], None]:
+        """``popped(ctx, slot, entry)``: Flask popped ``ctx`` from the top of its stack.
 
-        The hook layer checks Flask's own stack before the pop, so nothing here
-        needs Flask's push counts: a pop of the context on top always takes effect.
+        The healthy pop. ``entry`` is ``ctx``'s record as the hook layer found
+        it in ``records``. The hook layer checks Flask's own stack before the
+        pop, so nothing here needs Flask's push counts: a pop of the context on
+        top always takes effect. A closure for the reason ``push`` is one.
         """
-        key = id(ctx)
-        entry = self._live.get(key)
-        if entry is None or entry[REF]() is not ctx:
-            return
-        # Popped from the top of its own stack: in its own Context, so (bar a
-        # Context copied into another thread) on the thread that pushed it.
-        thread: _ThreadState = entry[THREAD]
-        if thread.flight is not None:
-            thread.flight.append(("pop", entry))
-        var = self._stacks[slot]
-        top = var.get()
-        if top is None or top[0] is not entry or entry[FLAGS] & ORPHANED:
-            # The mirror disagrees with Flask (the aftermath of an earlier mistake).
-            self._pop_slow(entry, var, top, thread, entry[COUNT], entry[COUNT] - 1)
-            return
-        # Before the merge each push has a node of its own; after it, a context
-        # stays on the stack until its last pop.
-        if self._repush_stacks or entry[COUNT] <= 1:
-            var.set(top[1])
-        entry[COUNT] -= 1
-        if entry[COUNT] <= 0:
-            # The common end of a context's life, inlined.
-            del self._live[key]
-            stats: _Stats = entry[STATS]
-            next(stats.pops)
-            duration = (self._clock() - entry[PUSHED]) / 1e9
-            stats.durations.append(duration)
-            if self._lifecycle:
-                self._emit(ContextPopped(_info(entry), duration, entry[CARRY]))
+        ledger = self
+        live = self._live
+        stacks = self._stacks
+        clock = self._clock
+        repush_stacks = self._repush_stacks
+        lifecycle = self._lifecycle
 
-    def _count_dispatch_pops(self, unit: _UnitState) -> None:
-        """Count the pops of a request's own contexts, popped from the top, untracked.
+        def popped(ctx: object, slot: str, entry: _Entry) -> None:
+            if entry[REF]() is not ctx:
+                return
+            # Popped from the top of its own stack: in its own Context, so (bar a
+            # Context copied into another thread) on the thread that pushed it.
+            thread: _ThreadState = entry[THREAD]
+            if thread.flight is not None:
+                thread.flight.append(("pop", entry))
+            var = stacks[slot]
+            top = var.get()
+            count = entry[COUNT]
+            if top is None or top[0] is not entry or entry[FLAGS] & ORPHANED:
+                # The mirror disagrees with Flask (the aftermath of an earlier mistake).
+                ledger._pop_slow(entry, var, top, thread, count, count - 1)
+                return
+            # Before the merge each push has a node of its own; after it, a context
+            # stays on the stack until its last pop.
+            if repush_stacks or count <= 1:
+                var.set(top[1])
+            entry[COUNT] = count - 1
+            if count <= 1:
+                # The common end of a context's life: ``_finish``, inlined.
+                del live[id(ctx)]
+                stats: _Stats = entry[STATS]
+                next(stats.pops)
+                duration = (clock() - entry[PUSHED]) / 1e9
+                stats.durations.append(duration)
+                if lifecycle:
+                    ledger._emit(ContextPopped(_info(entry), duration, entry[CARRY]))
 
-        The hook layer marks the request context FINISHED when Flask pops it
-        from the top of its stack (no call into the ledger on that path); the
-        pops are counted and timed here, when the unit ends, microseconds later.
-        The app context Flask <= 3.1 pushed for the request was popped inside
-        that pop: had it not been on top, its pop would have given both records.
-        """
-        self._inflight.discard(unit)
-        duration = (self._clock() - unit.pushed_ns) / 1e9
-        stats = unit.stats
-        next(stats.pops)
-        stats.durations.append(duration)
-        implicit = unit.dispatch_app
-        if implicit is not None and implicit.__class__ is not _Marker:
-            app_stats = unit.app_stats
-            next(app_stats.pops)
-            app_stats.durations.append(duration)
+        return popped
 
     def pop(self, ctx: object, slot: str, before: int, after: int) -> None:
         """Flask popped ``ctx``, which was not on top of its stack (or Flask refused).
@@ -656,7 +684,6 @@ class Ledger:
             thread.flight.append(unit)
         if not self._live:
             # Nothing tracked anywhere, so nothing below: depth 1, nothing stale.
-            unit.detail = None
             unit.checked = True
             if not self.depth_max:
                 self.depth_max = 1
@@ -827,7 +854,9 @@ class Ledger:
         ``check_stale=False``, once the unit knows its name (a request learns
         its endpoint when its context is pushed) and at the latest when it ends.
         """
-        unit = _UnitState(self._unit_ids, kind, name, self._unit)
+        unit = _UnitState(self._unit)
+        unit.kind = kind
+        unit.name = name
         if check_stale:
             self.check_stale(unit)
         return unit, unit.token
@@ -867,7 +896,21 @@ class Ledger:
         """
         state = unit.dispatch
         if state is FINISHED:
-            self._count_dispatch_pops(unit)
+            # The request's own contexts were popped from the top, untracked (the
+            # hook layer marked them, with no call into the ledger): their pops
+            # are counted and timed now, microseconds later. The app context
+            # Flask <= 3.1 pushed for the request was popped inside that pop: had
+            # it not been on top, its pop would have given both records.
+            self._inflight.discard(unit)
+            duration = (self._clock() - unit.pushed_ns) / 1e9
+            stats = unit.stats
+            next(stats.pops)
+            stats.durations.append(duration)
+            implicit = unit.dispatch_app
+            if implicit is not None and implicit.__class__ is not _Marker:
+                stats = unit.app_stats
+                next(stats.pops)
+                stats.durations.append(duration)
         elif state is not None and state.__class__ is not _Marker:  # ``dispatch_live``, inlined
             # The request's own context outlives it: give it a record, reported below.
             self._promote(unit)
@@ -881,6 +924,24 @@ class Ledger:
             self._unit.set(unit.parent)
         if not unit.tracked:
             return []  # nothing of this unit's was ever on the mirror
+        leftovers = self._left_by(unit)
+        if not leftovers:
+            return []
+        thread = self._thread()
+        to_repair: list[object] = []
+        for entry in sorted(leftovers, key=lambda e: int(e[ID]), reverse=True):
+            entry[FLAGS] |= REPORTED
+            ctx = entry[REF]() if repair else None
+            if ctx is not None:
+                to_repair.append(ctx)
+            self._report(
+                "leaked", entry, thread, reason="unit_end", unit=unit.info(),
+                repaired=ctx is not None,
+            )
+        return to_repair
+
+    def _left_by(self, unit: _UnitState) -> list[_Entry]:
+        """The contexts ``unit`` pushed that are still on this thread's stacks."""
         leftovers: list[_Entry] = []
         for var in self._stacks.values():
             node = var.get()
@@ -897,20 +958,7 @@ class Ledger:
                 ):
                     leftovers.append(entry)
                 node = node[1]
-        if not leftovers:
-            return []
-        thread = self._thread()
-        to_repair: list[object] = []
-        for entry in sorted(leftovers, key=lambda e: int(e[ID]), reverse=True):
-            entry[FLAGS] |= REPORTED
-            ctx = entry[REF]() if repair else None
-            if ctx is not None:
-                to_repair.append(ctx)
-            self._report(
-                "leaked", entry, thread, reason="unit_end", unit=unit.info(),
-                repaired=ctx is not None,
-            )
-        return to_repair
+        return leftovers
 
     def _entries_on_stacks(self) -> list[_Entry]:
         """The distinct entries on this thread's stacks (usually none or two)."""

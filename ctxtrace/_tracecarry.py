@@ -22,7 +22,8 @@ context object being garbage-collected while pushed.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from types import FrameType
 from typing import Any, Final
 
@@ -31,6 +32,7 @@ from flask import globals as flask_globals
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 
 # Where opentelemetry-instrumentation-flask keeps the server span of a request
 # (its ``_ENVIRON_SPAN_KEY``, unchanged since 0.20b0).
@@ -38,7 +40,26 @@ OTEL_FLASK_SPAN_KEY: Final = "opentelemetry-flask.span_key"
 
 
 
-_get_current = otel_context.get_current
+
+
+def _context_getter() -> Callable[[], Context]:
+    """The cheapest call that returns OpenTelemetry's current context.
+
+    ``capture`` runs at every tracked push. With OpenTelemetry's default runtime
+    context (a ContextVar, the one every Python process uses unless
+    ``OTEL_PYTHON_CONTEXT`` names another), that ContextVar's own ``get`` is what
+    ``get_current`` ends in, two Python calls later; any other runtime gets the
+    public function.
+    """
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    if type(runtime) is ContextVarsRuntimeContext and isinstance(var, ContextVar):
+        getter: Callable[[], Context] = var.get
+        return getter
+    return otel_context.get_current
+
+
+_get_current = _context_getter()
 # Flask <= 3.1 keeps request contexts on a stack of their own; later versions
 # put them on the app stack, as app contexts that carry a request.
 _request_var: Any = getattr(flask_globals, "_cv_request", None)
