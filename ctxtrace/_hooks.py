@@ -21,7 +21,6 @@ from __future__ import annotations
 import builtins
 import dis
 import inspect
-import re
 import sys
 import types
 from collections.abc import Callable, Iterable
@@ -40,10 +39,9 @@ from ._events import Kind, Phase, Site
 from ._flaskshape import FlaskShape
 from ._guard import InternalErrors
 from ._ledger import DISPATCHING, FINISHED, Ledger
+from ._names import safe_name
 from ._patching import Patch, copy_names
 
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
-_MAX_NAME: Final = 120
 _MAX_CACHED_APPS: Final = 256
 # Frames between ``_failed_lookup`` and the code that touched the proxy: through
 # a wrapper around the lookup, or through werkzeug's own lookup (see ``_with_failure_hook``).
@@ -142,7 +140,7 @@ class Hooks:
         raw = app.name
         name = self._names.get(raw)
         if name is None:
-            name = _CONTROL.sub("?", str(raw))[:_MAX_NAME] or "?"
+            name = safe_name(raw)
             if len(self._names) < _MAX_CACHED_APPS:
                 self._names[raw] = name
         return name

@@ -49,6 +49,7 @@ from ._events import (
     Site,
     Unit,
 )
+from ._names import safe_name
 
 _Node = tuple["_Entry", "_Node | None", int]
 _MAX_APPS: Final = 64
@@ -124,7 +125,7 @@ class _ThreadState:
     def __init__(self, flight: int) -> None:
         current = threading.current_thread()
         self.ident = current.ident or 0
-        self.name = current.name
+        self.name = safe_name(current.name)
         self.thread: weakref.ref[threading.Thread] = weakref.ref(current)
         # ``(op, entry)``, or a request unit standing for its untracked own contexts.
         self.flight: deque[tuple[str, _Entry] | _UnitState] | None = (
@@ -856,7 +857,7 @@ class Ledger:
         """
         unit = _UnitState(self._unit)
         unit.kind = kind
-        unit.name = name
+        unit.name = safe_name(name)
         if check_stale:
             self.check_stale(unit)
         return unit, unit.token
