@@ -580,8 +580,17 @@ HOT_PATH_NOTES = """
   directly.
 - What remains per request is mostly CPython's fixed cost per operation: the
   wrapper frames, the unit of work (an object and a ContextVar set/reset), two
-  clock reads, the counters and the lifetime buffer: about 500 bytecodes of
+  clock reads, the counters and the lifetime buffer: about 430 bytecodes of
   ctxtrace next to about 3,200 of Flask's (counted with an opcode trace).
+- The building blocks, in instructions on CPython 3.11 (callgrind, 2026-11-25):
+  a Python function call about 700; a ContextVar set about 1,400; a weak
+  reference about 1,000; a monotonic clock read about 530; reading the caller's
+  code and line through `sys._getframe` about 1,800 (CPython materialises the
+  frame objects); one bytecode about 20. Bare Flask runs about 11,600
+  instructions per microsecond of a push/pop pair. A tracked pair needs two
+  wrapper calls, the caller's line, two clock reads, a weak reference and the
+  mirror's two ContextVar sets: about 10,000 instructions before any
+  bookkeeping, close to the whole 1 us budget.
 """
 
 
