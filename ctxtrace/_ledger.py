@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
 from ._events import (
+    ANOMALIES,
     Anomaly,
     AnomalyName,
     ContextInfo,
@@ -255,17 +256,7 @@ class LedgerPolicy:
     long_lived_request_s: float | None = 30.0
     long_lived_app_s: float | None = None
     long_lived_streaming: bool = False
-    detect: frozenset[str] = frozenset(
-        (
-            "leaked",
-            "long_lived",
-            "wrong_pop",
-            "double_pop",
-            "foreign_pop",
-            "stale_context",
-            "out_of_context_access",
-        )
-    )
+    detect: frozenset[str] = frozenset((*ANOMALIES, "out_of_context_access"))
     duration_buffer: int = 65_536
 
 

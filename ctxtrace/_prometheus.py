@@ -30,6 +30,8 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from ._pids import alive
+
 if TYPE_CHECKING:
     from ._config import Config
 
@@ -40,16 +42,6 @@ _WILDCARDS = frozenset(("", "0.0.0.0", "::"))
 def target_file_name(worker: str) -> str:
     """``host:pid:role`` made safe for any file system: ``host_pid_role.json``."""
     return _UNSAFE.sub("_", worker) + ".json"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _owner(path: Path) -> tuple[str, int] | None:
@@ -68,7 +60,7 @@ def remove_stale(folder: Path, host: str) -> list[Path]:
     removed: list[Path] = []
     for path in sorted(folder.glob("*.json")):
         owner = _owner(path)
-        if owner is None or owner[0] != host or owner[1] == os.getpid() or _alive(owner[1]):
+        if owner is None or owner[0] != host or owner[1] == os.getpid() or alive(owner[1]):
             continue
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

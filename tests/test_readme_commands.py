@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ctxtrace._pids import alive
 from ctxtrace.example import SCENARIOS
 
 from ._servers import REPO, wait_until
@@ -151,14 +152,6 @@ def _pids_in(log: Path) -> set[int]:
     return {int(pid) for pid in re.findall(r"^\[[^\]]+\] \[(\d+)\] \[INFO\]", text, re.M)}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_ctrl_c_stops_everything_and_still_reports(tmp_path: Path) -> None:
     """SIGINT during the load: the demo stops its server and command by pid, reports, exits 0."""
     out = tmp_path / "demo"
@@ -179,7 +172,7 @@ def test_ctrl_c_stops_everything_and_still_reports(tmp_path: Path) -> None:
     assert "(interrupted)" in stdout
     pids = _pids_in(out / "server.log")
     assert len(pids) >= 3
-    assert not [pid for pid in pids if _alive(pid)]
+    assert not [pid for pid in pids if alive(pid)]
 
 
 def _server_answering(out: Path) -> bool:
