@@ -39,9 +39,6 @@ from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 OTEL_FLASK_SPAN_KEY: Final = "opentelemetry-flask.span_key"
 
 
-
-
-
 def _context_getter() -> Callable[[], Context]:
     """The cheapest call that returns OpenTelemetry's current context.
 
