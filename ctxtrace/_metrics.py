@@ -532,28 +532,19 @@ def create_instruments(meter: Meter, binding: Binding) -> Histogram:
         description="Lifetime of Flask contexts, push to last pop.",
         explicit_bucket_boundaries_advisory=list(BUCKETS),
     )
-    meter.create_observable_up_down_counter(
-        "ctxtrace.contexts.active", [read("observe_active")], unit="{context}",
-        description="Flask contexts pushed and not yet popped.",
-    )
-    meter.create_observable_gauge(
-        "ctxtrace.context.depth_max", [read("observe_depth")], unit="{context}",
-        description="Deepest context stack since the last collection.",
-    )
-    meter.create_observable_counter(
-        "ctxtrace.anomalies", [read("observe_anomalies")], unit="{anomaly}",
-        description="Context anomalies, except out-of-context access.",
-    )
-    meter.create_observable_counter(
-        "ctxtrace.out_of_context_access", [read("observe_accesses")], unit="{access}",
-        description="Flask proxies used outside any context.",
-    )
-    meter.create_observable_counter(
-        "ctxtrace.internal_errors", [read("observe_errors")], unit="{error}",
-        description="Errors inside ctxtrace, caught and swallowed.",
-    )
-    meter.create_observable_counter(
-        "ctxtrace.dropped", [read("observe_dropped")], unit="{record}",
-        description="Records a bound turned away.",
-    )
+    for create, name, observe, unit, description in (
+        (meter.create_observable_up_down_counter, "ctxtrace.contexts.active", "observe_active",
+         "{context}", "Flask contexts pushed and not yet popped."),
+        (meter.create_observable_gauge, "ctxtrace.context.depth_max", "observe_depth",
+         "{context}", "Deepest context stack since the last collection."),
+        (meter.create_observable_counter, "ctxtrace.anomalies", "observe_anomalies",
+         "{anomaly}", "Context anomalies, except out-of-context access."),
+        (meter.create_observable_counter, "ctxtrace.out_of_context_access", "observe_accesses",
+         "{access}", "Flask proxies used outside any context."),
+        (meter.create_observable_counter, "ctxtrace.internal_errors", "observe_errors",
+         "{error}", "Errors inside ctxtrace, caught and swallowed."),
+        (meter.create_observable_counter, "ctxtrace.dropped", "observe_dropped",
+         "{record}", "Records a bound turned away."),
+    ):
+        create(name, [read(observe)], unit=unit, description=description)
     return histogram
