@@ -405,10 +405,15 @@ def doc_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
+def write_doc(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put `text` between the `begin` and `end` markers of docs/compatibility.md.
+
+    That page has one section per script (this one's, and ci/matrix.py's, which passes
+    its own markers), so both write it the same way.
+    """
     content = DOC.read_text()
-    start, end = content.index(BEGIN) + len(BEGIN), content.index(END)
-    DOC.write_text(content[:start] + "\n" + text + "\n" + content[end:])
+    first, last = content.index(begin) + len(begin), content.index(end)
+    DOC.write_text(content[:first] + "\n" + text + "\n" + content[last:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Run as a script: this folder is on sys.path, so the sibling script is importable.
-from flask_suite import export_flask_main
+from flask_suite import DOC, export_flask_main, write_doc
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "compatibility.md"
 BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
 DEFAULT_FLASK_GIT = Path("/work/.mirror/pallets+flask/repo")
 #: Target name -> pip requirement for Flask (``main`` is built from the clone).
@@ -199,12 +198,6 @@ def table(outcomes: Sequence[Outcome], tests: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
-    content = DOC.read_text()
-    start, end = content.index(BEGIN) + len(BEGIN), content.index(END)
-    DOC.write_text(content[:start] + "\n" + text + "\n" + content[end:])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(TARGETS), default=list(TARGETS))
@@ -236,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = table(outcomes, args.tests)
     print(text)
     if args.write_doc:
-        write_doc(text)
+        write_doc(text, BEGIN, END)
     total = time.monotonic() - started
     failed = [o.target for o in outcomes if not o.ok and o.counts]
     print(f"{'FAILED: ' + ', '.join(failed) if failed else 'OK'} ({total:.0f} s)")
