@@ -82,20 +82,25 @@ def stop(process: subprocess.Popen[Any], *, grace: float = 10.0, group: bool = F
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def redis_server_binary() -> str:
-    path = shutil.which("redis-server")
+def server_binary(name: str, package: str) -> str:
+    """The path of a server the tests start, from Debian's ``package``.
+
+    Missing, the test skips with the install command on a laptop and fails in CI (``CI``
+    set), where a skip would hide a check that never ran.
+    """
+    path = shutil.which(name)
     if path is None:
-        hint = "apt-get install -y --no-install-recommends redis-server"
+        hint = f"apt-get install -y --no-install-recommends {package}"
         if os.environ.get("CI"):
-            pytest.fail(f"redis-server is not installed, and CI is set: {hint}", pytrace=False)
-        pytest.skip(f"redis-server is not installed ({hint})")
+            pytest.fail(f"{name} is not installed, and CI is set: {hint}", pytrace=False)
+        pytest.skip(f"{name} is not installed ({hint})")
     return path
 
 
 @contextlib.contextmanager
 def redis_server(tmp: Path) -> Iterator[str]:
     """A throw-away redis-server on 127.0.0.1; yields its URL."""
-    binary = redis_server_binary()
+    binary = server_binary("redis-server", "redis-server")
     for _attempt in range(3):
         port = free_port()
         log = tmp / f"redis-{port}.log"

@@ -6,8 +6,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,7 +20,7 @@ from ctxtrace import _report
 from ctxtrace.cli import main
 from ctxtrace.example.serve import start_server
 
-from ._servers import free_port, stop, wait_until
+from ._servers import free_port, server_binary, stop, wait_until
 
 W1 = "w:1:gunicorn"
 W2 = "w:2:gunicorn"
@@ -278,16 +276,6 @@ class TestCommand:
         assert f"cannot read {url}" in capsys.readouterr().err
 
 
-def _prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        hint = "apt-get install -y --no-install-recommends prometheus"
-        if os.environ.get("CI"):
-            pytest.fail(f"prometheus is not installed, and CI is set: {hint}", pytrace=False)
-        pytest.skip(f"prometheus is not installed ({hint})")
-    return path
-
-
 def _query(base: str, query: str) -> list[Any]:
     url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
     with urllib.request.urlopen(url, timeout=5) as response:
@@ -298,7 +286,7 @@ def _query(base: str, query: str) -> list[Any]:
 def test_report_from_a_prometheus_server(tmp_path: Path) -> None:
     """A real Prometheus scrapes the shop's workers through file_sd; the report reads its API
     (latest values and the anomaly timeline) and a worker's /metrics endpoint directly."""
-    binary = _prometheus_binary()
+    binary = server_binary("prometheus", "prometheus")
     with start_server(tmp_path / "shop", workers=2) as server:
         config = tmp_path / "prometheus.yml"
         config.write_text(textwrap.dedent(f"""\
