@@ -1,10 +1,11 @@
-"""Helpers for the tests: an event recorder, stack cleanup and site markers."""
+"""Helpers for the tests: an event recorder, stack cleanup, site markers and test apps."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flask import Flask, abort
 from flask import globals as flask_globals
 
 from ctxtrace._events import Anomaly, Event, OutOfContextAccess
@@ -68,3 +69,31 @@ def push_count(ctx: object) -> int:
     if tokens is not None:
         return len(tokens)
     return int(getattr(ctx, "_push_count", 0)) if getattr(ctx, "_cv_token", None) else 0
+
+
+def outcomes_app() -> Flask:
+    """An app with a route per outcome a request can have, for the fault tests.
+
+    They run it bare and instrumented and require the same answers: ``/ok`` (200),
+    ``/missing`` (404) and ``/crash``, whose exception propagates to the client with a
+    cause, so that the type, message and cause can all be compared.
+    """
+    app = Flask("faults")
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+
+    @app.route("/ok")
+    def ok() -> str:
+        return "fine"
+
+    @app.route("/missing")
+    def missing() -> str:
+        abort(404)
+
+    @app.route("/crash")
+    def crash() -> str:
+        try:
+            raise KeyError("inner")
+        except KeyError as exc:
+            raise ValueError("outer") from exc
+
+    return app

@@ -6,30 +6,18 @@ import re
 from typing import Any
 
 import pytest
-from flask import Flask, abort, current_app
+from flask import Flask, current_app
 
 import ctxtrace
 from ctxtrace import _agent, _ledger
 from ctxtrace._ledger import Ledger
 
+from ._support import outcomes_app
+
 
 def _make_app(order: list[str]) -> Flask:
-    app = Flask("faults")
-
-    @app.route("/ok")
-    def ok() -> str:
-        return "fine"
-
-    @app.route("/missing")
-    def missing() -> str:
-        abort(404)
-
-    @app.route("/crash")
-    def crash() -> str:
-        try:
-            raise KeyError("inner")
-        except KeyError as exc:
-            raise ValueError("outer") from exc
+    """The fault tests' app, with teardown callbacks that note their order in `order`."""
+    app = outcomes_app()
 
     @app.teardown_request
     def td_request(exc: BaseException | None) -> None:
@@ -45,7 +33,6 @@ def _make_app(order: list[str]) -> Flask:
 def _observe() -> tuple[list[Any], list[str]]:
     order: list[str] = []
     app = _make_app(order)
-    app.config["PROPAGATE_EXCEPTIONS"] = True
     client = app.test_client()
     seen: list[Any] = []
     for path in ("/ok", "/missing"):

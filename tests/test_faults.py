@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import structlog
-from flask import Flask, abort, current_app
+from flask import Flask, current_app
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -33,6 +33,7 @@ from ctxtrace import _agent, _providers
 
 from ._otlp import Receiver
 from ._servers import REPO, free_port, wait_until
+from ._support import outcomes_app
 
 #: What a request may take at most, whatever the exporters do: well under every hang below.
 REQUEST_BOUND_S = 1.0
@@ -42,25 +43,6 @@ OTLP_TIMEOUT_S = 1.5
 #: ``uninstrument()`` stops within its 5 s budget; this is that plus slack for a busy machine.
 STOP_BOUND_S = 7.0
 ROUNDS = 12
-
-
-def make_app() -> Flask:
-    app = Flask("faults")
-    app.config["PROPAGATE_EXCEPTIONS"] = True
-
-    @app.route("/ok")
-    def ok() -> str:
-        return "fine"
-
-    @app.route("/missing")
-    def missing() -> str:
-        abort(404)
-
-    @app.route("/crash")
-    def crash() -> str:
-        raise ValueError("boom")
-
-    return app
 
 
 def drive(app: Flask, rounds: int = ROUNDS) -> tuple[list[Any], float]:
@@ -146,7 +128,7 @@ def test_otlp_collector_faults(
     waits for the exporter, failures counted per exporter and logged once, and
     uninstrument() keeps its budget."""
     behaviour, url = collector
-    bare, _ = drive(make_app())
+    bare, _ = drive(outcomes_app())
     for name, value in {
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -162,7 +144,7 @@ def test_otlp_collector_faults(
         monkeypatch.delenv(name, raising=False)
     instrumented(spans="all", metrics="otlp")
     agent = running()
-    seen, worst = drive(make_app())
+    seen, worst = drive(outcomes_app())
     assert seen == bare
     assert worst < REQUEST_BOUND_S, f"a round of requests took {worst:.2f} s"
 
@@ -223,11 +205,11 @@ def test_prometheus_port_range_taken(
     """Every port of the configured range taken: the app runs as bare, the endpoint's
     failure is counted once (not per request) and logged once, naming the range."""
     monkeypatch.delenv("OTEL_METRICS_EXPORTER", raising=False)
-    bare, _ = drive(make_app())
+    bare, _ = drive(outcomes_app())
     with taken_ports(3) as (low, high):
         instrumented(metrics="prometheus", prometheus_port=f"{low}-{high}")
         agent = running()
-        seen, worst = drive(make_app())
+        seen, worst = drive(outcomes_app())
     assert seen == bare
     assert worst < REQUEST_BOUND_S
     assert agent.errors.counts() == {"exporter.metrics.prometheus": 1}
@@ -247,12 +229,12 @@ def test_log_stream_on_a_full_disk(
     ``/dev/full`` (every write fails with ENOSPC, as on a full disk): requests are as
     bare, each lost line is counted under ``logs``, and the one line about it reaches the
     process's original stderr."""
-    bare, _ = drive(make_app())
+    bare, _ = drive(outcomes_app())
     with open("/dev/full", "w") as full:
         monkeypatch.setattr(sys, "stderr", full)
         instrumented()
         agent = running()
-        seen, worst = drive(make_app())
+        seen, worst = drive(outcomes_app())
         counts = agent.errors.counts()
         ctxtrace.uninstrument()
         monkeypatch.undo()
@@ -288,10 +270,10 @@ def test_application_log_file_on_a_full_disk(
     """The application's structlog writes to a file on a full disk (``/dev/full``): ctxtrace's
     lines go through it and fail; requests are as bare, the failures are counted, and the
     one line about them goes to stderr instead."""
-    bare, _ = drive(make_app())
+    bare, _ = drive(outcomes_app())
     instrumented()
     agent = running()
-    seen, _ = drive(make_app())
+    seen, _ = drive(outcomes_app())
     counts = agent.errors.counts()
     ctxtrace.uninstrument()
     assert seen == bare
@@ -304,10 +286,11 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import ctxtrace
 from ctxtrace import _agent
-from tests.test_faults import drive, make_app
+from tests._support import outcomes_app
+from tests.test_faults import drive
 ctxtrace.instrument(metrics="none", log_rate_window="off")
 started = time.monotonic()
-seen, worst = drive(make_app(), rounds=int(sys.argv[2]))
+seen, worst = drive(outcomes_app(), rounds=int(sys.argv[2]))
 print(json.dumps({"worst": worst, "total": time.monotonic() - started,
                   "errors": _agent.current().errors.counts()}), flush=True)
 """
@@ -391,10 +374,10 @@ def test_span_emitter_that_raises(
     """The application's span pipeline raises on every span (a real SpanProcessor, the
     application's code, not ctxtrace's): requests are as bare, every failure is in
     ``ctxtrace_internal_errors_total{component="spans"}``, and it is logged once."""
-    bare, _ = drive(make_app())
+    bare, _ = drive(outcomes_app())
     instrumented(spans="all")
     agent = running()
-    seen, _ = drive(make_app())
+    seen, _ = drive(outcomes_app())
     assert seen == bare
     counts = agent.errors.counts()
     assert set(counts) == {"spans"} and counts["spans"] >= 4 * ROUNDS
