@@ -97,3 +97,36 @@ def outcomes_app() -> Flask:
             raise ValueError("outer") from exc
 
     return app
+
+
+def add_wrong_pop_route(app: Flask) -> None:
+    """``/wrong``: the view pops the outer of two app contexts first, one ``wrong_pop``.
+
+    It answers ``wrong:refused`` or ``wrong:accepted``, as Flask took the pop. The view
+    keeps the name ``wrong``: events name the function that pushed, and the load app
+    tells its kinds of request apart by it.
+    """
+
+    @app.route("/wrong")
+    def wrong() -> str:
+        base = flask_globals._cv_app.get(None)
+        outer, inner = app.app_context(), app.app_context()
+        outer.push()
+        inner.push()
+        try:
+            outer.pop()
+        except (AssertionError, RuntimeError):
+            _pop_down_to(base)
+            return "wrong:refused"
+        return "wrong:accepted"
+
+
+def _pop_down_to(base: object) -> None:
+    """Pop this thread's app contexts until ``base`` is on top again (Flask 3.2 keeps
+    a refused context pushed; Flask <= 3.1 has already reset the stack)."""
+    var = flask_globals._cv_app
+    for _ in range(10):
+        top = var.get(None)
+        if top is None or top is base:
+            return
+        top.pop()

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 from flask import Flask, current_app, g
-from flask import globals as flask_globals
 from flask.ctx import AppContext
 
 import ctxtrace
@@ -28,7 +27,7 @@ from ctxtrace import _agent
 from ctxtrace._events import Anomaly, OutOfContextAccess
 from ctxtrace._names import safe_name
 
-from ._support import clear_flask_stacks
+from ._support import add_wrong_pop_route, clear_flask_stacks
 
 NAME_IDS = ["forged", "control", "unicode", "huge", "blank"]
 HOSTILE_NAMES = [
@@ -90,21 +89,7 @@ def _leaky_app(name: str, root: Path) -> Flask:
     def leak() -> str:
         return "leak"
 
-    @app.route("/wrong")
-    def wrong() -> str:
-        base = flask_globals._cv_app.get(None)
-        outer, inner = app.app_context(), app.app_context()
-        outer.push()
-        inner.push()
-        try:
-            outer.pop()
-        except (AssertionError, RuntimeError):
-            # Flask <= 3.1 has reset the stack already; the next release refused the
-            # pop and kept both pushed.
-            while flask_globals._cv_app.get(None) not in (None, base):
-                flask_globals._cv_app.get().pop()
-            return "refused"
-        return "accepted"
+    add_wrong_pop_route(app)
 
     inner_wsgi = app.wsgi_app
 
