@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -161,6 +162,37 @@ def livestack() -> ModuleType:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def start_stack(
+    livestack: ModuleType,
+    server_binaries: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+    paths: dict[str, Path],
+) -> Callable[..., AbstractContextManager[Any]]:
+    """``start_stack(name, duration, *, keep_zero=False, worker=None)``: livestack.live_stack
+    in a new temp folder named `name`, with the shipped configs and every `for` in
+    alerts.yml set to `duration` (see `write_rules_with_for`).
+
+    A live test then names only what is its own; the servers, folders and configs it
+    needs are the same for every one.
+    """
+
+    def start(
+        name: str,
+        duration: str,
+        *,
+        keep_zero: bool = False,
+        worker: tuple[str, Callable[[int], str]] | None = None,
+    ) -> AbstractContextManager[Any]:
+        tmp = tmp_path_factory.mktemp(name)
+        rules = write_rules_with_for(
+            paths["alerts"], tmp / "alerts.yml", duration, keep_zero=keep_zero
+        )
+        return livestack.live_stack(tmp, server_binaries, paths["exporters"], rules, worker)
+
+    return start
 
 
 @pytest.fixture(scope="session")

@@ -250,12 +250,15 @@ def webhook(
 
 @dataclass
 class Stack:
-    """Addresses of the running Prometheus and Alertmanager and what the webhook recorded."""
+    """Addresses of the running Prometheus and Alertmanager, what the webhook recorded,
+    and the folder they run in with the rules Prometheus loaded."""
 
     prometheus: str
     alertmanager: str
     recorder: Recorder
     logs: list[Path]
+    folder: Path
+    rules: Path
 
     def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
         """Run an instant query; fail on any Prometheus error."""
@@ -380,11 +383,45 @@ def prometheus_and_alertmanager(
             tmp / "alertmanager.log",
         )
         stack = Stack(
-            f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}", recorder, processes.logs
+            f"http://127.0.0.1:{prom_port}",
+            f"http://127.0.0.1:{am_port}",
+            recorder,
+            processes.logs,
+            tmp,
+            rules,
         )
         for url in (f"{stack.prometheus}/-/ready", f"{stack.alertmanager}/-/ready"):
             wait_for(url, functools.partial(answers_ok, url), processes.logs, timeout=20)
         yield stack
+
+
+@contextlib.contextmanager
+def live_stack(
+    tmp: Path,
+    binaries: Binaries,
+    exporters: Path,
+    rules: Path,
+    worker: tuple[str, Callable[[int], str]] | None = None,
+) -> Iterator[Stack]:
+    """What every live test runs: SIGTERM as Ctrl-C, the webhook, then Prometheus and
+    Alertmanager with file_sd over ``tmp/targets``; all stopped when the block ends.
+
+    `worker`, ``(name, metrics)``: the webhook is also a fake worker of that name (see
+    `webhook`), announced in ``targets/`` as a ctxtrace worker announces itself, before
+    Prometheus starts. Without it, the test starts real workers that write there.
+    """
+    targets = tmp / "targets"
+    targets.mkdir()
+    recorder = Recorder()
+    metrics = None if worker is None else worker[1]
+    with sigterm_as_interrupt(), webhook(recorder, metrics) as port:
+        if worker is not None:
+            target = [{"targets": [f"127.0.0.1:{port}"], "labels": {"worker": worker[0]}}]
+            (targets / f"{worker[0]}.json").write_text(json.dumps(target))
+        with prometheus_and_alertmanager(
+            tmp, binaries, exporters, rules, targets, port, recorder
+        ) as stack:
+            yield stack
 
 
 # -- the dashboard, as Grafana would run it ---------------------------------------------

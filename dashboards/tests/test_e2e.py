@@ -27,6 +27,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ctxtrace.example import APP_NAME, SCENARIOS, serve
 
 if TYPE_CHECKING:  # at run time the module comes from the `livestack` fixture
-    from livestack import Binaries, Stack
+    from livestack import Stack
 
 GUNICORN_HINT = "gunicorn is not installed; install the test extra: pip install -e '.[test]'"
 # Alerts the faults must fire, and the webhook path alertmanager.yml routes each to.
@@ -178,35 +179,28 @@ def start_shop(livestack: ModuleType, tmp: Path) -> Iterator[Shop]:
         yield Shop(server.url, server.master_pid, workers, [server.log_path])
 
 
-@contextlib.contextmanager
+@pytest.fixture(scope="session")
 def live_run(
-    name: str,
     livestack: ModuleType,
-    binaries: Binaries,
-    tmp_path_factory: pytest.TempPathFactory,
-    paths: dict[str, Path],
-    rules_with_for: Callable[..., Path],
+    start_stack: Callable[..., AbstractContextManager[Stack]],
     missing: Callable[[str], None],
-) -> Iterator[Run]:
-    """Webhook, Prometheus, Alertmanager and the shop, all stopped by pid on the way out."""
-    if not serve.gunicorn_available():
-        missing(GUNICORN_HINT)  # the launcher would fall back to werkzeug: one process
-    tmp = tmp_path_factory.mktemp(name)
-    targets = tmp / "targets"
-    targets.mkdir()
-    rules = rules_with_for(paths["alerts"], tmp / "alerts.yml", SHORT_FOR, keep_zero=True)
-    recorder = livestack.Recorder()
-    started = time.time()
-    with (
-        livestack.sigterm_as_interrupt(),
-        livestack.webhook(recorder) as port,
-        # Prometheus first: the agent then skips its port if the range happens to hold it.
-        livestack.prometheus_and_alertmanager(
-            tmp, binaries, paths["exporters"], rules, targets, port, recorder
-        ) as stack,
-        start_shop(livestack, tmp) as shop,
-    ):
-        yield Run(shop, stack, started, rules)
+) -> Callable[[str], AbstractContextManager[Run]]:
+    """``live_run(name)``: webhook, Prometheus, Alertmanager and the shop, all stopped by
+    pid on the way out; the faulty and the healthy run differ only in `name`."""
+
+    @contextlib.contextmanager
+    def run(name: str) -> Iterator[Run]:
+        if not serve.gunicorn_available():
+            missing(GUNICORN_HINT)  # the launcher would fall back to werkzeug: one process
+        started = time.time()
+        with (
+            # Prometheus first: the agent then skips its port if the range happens to hold it.
+            start_stack(name, SHORT_FOR, keep_zero=True) as stack,
+            start_shop(livestack, stack.folder) as shop,
+        ):
+            yield Run(shop, stack, started, stack.rules)
+
+    return run
 
 
 def longest_for(rules: Path) -> float:
@@ -315,17 +309,9 @@ def run_target(run: Run, target: dict[str, Any], expr: str) -> list[dict[str, An
 # Class-scoped: the faulty run's servers stop before the healthy run's start.
 @pytest.fixture(scope="class")
 def faulty(
-    livestack: ModuleType,
-    server_binaries: Binaries,
-    tmp_path_factory: pytest.TempPathFactory,
-    paths: dict[str, Path],
-    rules_with_for: Callable[..., Path],
-    missing: Callable[[str], None],
+    livestack: ModuleType, live_run: Callable[[str], AbstractContextManager[Run]]
 ) -> Iterator[Run]:
-    with live_run(
-        "e2e-faulty", livestack, server_binaries, tmp_path_factory, paths,
-        rules_with_for, missing,
-    ) as result:
+    with live_run("e2e-faulty") as result:
         drive_faults(livestack, result)
         yield result
 
@@ -431,17 +417,9 @@ class TestFaultyTraffic:
 
 @pytest.fixture(scope="class")
 def healthy(
-    livestack: ModuleType,
-    server_binaries: Binaries,
-    tmp_path_factory: pytest.TempPathFactory,
-    paths: dict[str, Path],
-    rules_with_for: Callable[..., Path],
-    missing: Callable[[str], None],
+    livestack: ModuleType, live_run: Callable[[str], AbstractContextManager[Run]]
 ) -> Iterator[Run]:
-    with live_run(
-        "e2e-healthy", livestack, server_binaries, tmp_path_factory, paths,
-        rules_with_for, missing,
-    ) as result:
+    with live_run("e2e-healthy") as result:
 
         def healthy_round() -> None:
             result.rounds += 1

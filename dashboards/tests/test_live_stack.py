@@ -10,16 +10,15 @@ fire and be routed by severity, and every dashboard query must return data.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:  # at run time the module comes from the `livestack` fixture
-    from livestack import Binaries, Stack
+    from livestack import Stack
 
 ALERTS = {
     "CtxtraceUnbalancedStack",
@@ -65,30 +64,11 @@ def exposition(scrape: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(
-    livestack: ModuleType,
-    server_binaries: Binaries,
-    tmp_path_factory: pytest.TempPathFactory,
-    paths: dict[str, Path],
-    rules_with_for: Callable[..., Path],
-) -> Iterator[Stack]:
-    """Fake worker + webhook, Prometheus and Alertmanager, stopped after the module."""
-    tmp = tmp_path_factory.mktemp("live-stack")
-    recorder = livestack.Recorder()
-    with (
-        livestack.sigterm_as_interrupt(),
-        livestack.webhook(recorder, metrics=exposition) as port,
-    ):
-        # What a ctxtrace worker writes for itself: one file_sd file, named after the worker.
-        targets = tmp / "targets"
-        targets.mkdir()
-        target = [{"targets": [f"127.0.0.1:{port}"], "labels": {"worker": "w1"}}]
-        (targets / "w1.json").write_text(json.dumps(target))
-        rules = rules_with_for(paths["alerts"], tmp / "alerts.yml", "1s")
-        with livestack.prometheus_and_alertmanager(
-            tmp, server_binaries, paths["exporters"], rules, targets, port, recorder
-        ) as result:
-            yield result
+def stack(start_stack: Callable[..., AbstractContextManager[Stack]]) -> Iterator[Stack]:
+    """Fake worker w1 + webhook, Prometheus and Alertmanager (every `for` cut to 1 s),
+    stopped after the module."""
+    with start_stack("live-stack", "1s", worker=("w1", exposition)) as result:
+        yield result
 
 
 def test_every_alert_fires_with_real_data(livestack: ModuleType, stack: Stack) -> None:
