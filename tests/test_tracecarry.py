@@ -22,7 +22,7 @@ class _OtherRuntime:
 
     def __init__(self) -> None:
         self.current = Context({"from": "other runtime"})
-        self._current_context = ContextVar("impostor", default=Context({"from": "impostor"}))
+        self._current_context: ContextVar[Context | None] = ContextVar("impostor", default=None)
 
     def get_current(self) -> Context:
         return self.current
