@@ -247,7 +247,7 @@ def _result(
     seconds: float,
     warmup: int,
 ) -> SoakResult:
-    from ctxtrace._ledger import _count_of
+    from ctxtrace.core.ledger import _count_of
 
     snapshot = agent.ledger.snapshot()
     after = [s for s in samples if s.contexts >= warmup] or samples[-1:]

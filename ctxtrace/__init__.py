@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _agent
-from ._config import Config, ConfigError
-from ._events import (
+from ctxtrace import _agent
+from ctxtrace._config import Config, ConfigError
+from ctxtrace._events import (
     ANOMALIES,
     Anomaly,
     ContextInfo,
@@ -23,8 +23,8 @@ from ._events import (
     Site,
     Unit,
 )
-from ._extension import CtxTrace
-from ._handover import ContextExecutor, run_in_app_context
+from ctxtrace._extension import CtxTrace
+from ctxtrace.core.handover import ContextExecutor, run_in_app_context
 
 __all__ = [
     "ANOMALIES",

@@ -16,13 +16,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import _flaskshape, _integrations, _signals, _telemetry, _trace_ids, _worker
-from ._config import Config, ConfigError
-from ._events import Event, Site
-from ._guard import InternalErrors
-from ._hooks import Hooks
-from ._ledger import Ledger, LedgerPolicy
-from ._logs import LogEmitter, log_line
+from ctxtrace import _signals, _worker, integrations
+from ctxtrace._config import Config, ConfigError
+from ctxtrace._events import Event, Site
+from ctxtrace.core import flaskshape
+from ctxtrace.core.guard import InternalErrors
+from ctxtrace.core.hooks import Hooks
+from ctxtrace.core.ledger import Ledger, LedgerPolicy
+from ctxtrace.telemetry import trace_ids, wiring
+from ctxtrace.telemetry.logs import LogEmitter, log_line
 
 
 class Emitter(Protocol):
@@ -94,17 +96,17 @@ class Agent:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.shape = _flaskshape.detect()
+        self.shape = flaskshape.detect()
         self.errors = InternalErrors(self._log_internal_error)
         self.worker = _worker.worker_id()
         self.emitters: list[Emitter] = [
             LogEmitter(
                 lambda: self.worker, config.log_rate_window, config.log_lifecycle,
-                enrich=_trace_ids.enrich,
+                enrich=trace_ids.enrich,
             )
         ]
         # Spans need push/pop events (``all``) and the trace current at each push.
-        needs = _telemetry.ledger_needs(config)
+        needs = wiring.ledger_needs(config)
         self.ledger = Ledger(
             self._dispatch,
             LedgerPolicy(
@@ -129,8 +131,8 @@ class Agent:
             suppressed=_Suppressions(config.suppress) if config.suppress else None,
             detect_access=config.detect_out_of_context_access,
         )
-        # Metrics and spans (ctxtrace/_telemetry.py), then any registered extras.
-        self.telemetry: list[Any] = _telemetry.emitters(self)
+        # Metrics and spans (ctxtrace/wiring.py), then any registered extras.
+        self.telemetry: list[Any] = wiring.emitters(self)
         self.emitters.extend(self.telemetry)
         for factory in _extra_emitters:
             self.emitters.extend(factory(self))
@@ -209,12 +211,12 @@ class Agent:
         # An unhandled SIGTERM would end the process without atexit: flush first.
         _signals.install(lambda budget_s: self.at_exit())
         # Tasks, jobs, commands and threads as units; each one fails alone.
-        self.integrations = _integrations.install_all(self)
+        self.integrations = integrations.install_all(self)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self.stopped = True
         _signals.uninstall()
-        _integrations.uninstall_all(self, self.integrations)
+        integrations.uninstall_all(self, self.integrations)
         self.integrations = []
         self.hooks.uninstall()
         deadline = time.monotonic() + timeout_s

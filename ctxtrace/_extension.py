@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import _agent
+from ctxtrace import _agent
 
 
 class CtxTrace:

@@ -21,8 +21,9 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
     BaseInstrumentor,
 )
 
-from . import _agent, _providers
-from ._config import OPTIONS
+from ctxtrace import _agent
+from ctxtrace._config import OPTIONS
+from ctxtrace.telemetry import providers
 
 _OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 
@@ -34,11 +35,11 @@ class CtxtraceInstrumentor(BaseInstrumentor):  # type: ignore[misc]  # untyped b
         return ("flask >= 2.3",)
 
     def _instrument(self, **kwargs: Any) -> None:
-        _providers.set_explicit(kwargs.get("tracer_provider"), kwargs.get("meter_provider"))
+        providers.set_explicit(kwargs.get("tracer_provider"), kwargs.get("meter_provider"))
         options = {k: v for k, v in kwargs.items() if k in _OPTION_NAMES}
         _agent.start(options)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         if _agent.current() is not None:
             _agent.stop()
-        _providers.set_explicit(None, None)
+        providers.set_explicit(None, None)

@@ -14,7 +14,10 @@ from typing import Final
 
 #: Modules that each add one subcommand.
 COMMANDS: Final = (
-    "ctxtrace._cli_run", "ctxtrace._check_imports", "ctxtrace._demo", "ctxtrace._report",
+    "ctxtrace.commands.run",
+    "ctxtrace.commands.check_imports",
+    "ctxtrace.commands.demo",
+    "ctxtrace.commands.report",
 )
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from flask import globals as flask_globals
 
-from . import _agent
-from ._flaskshape import detect
+from ctxtrace import _agent
+from ctxtrace.core.flaskshape import detect
 
 _SHAPE = detect()
 

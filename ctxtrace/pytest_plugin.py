@@ -34,9 +34,9 @@ from typing import Any, Final
 import pytest
 from flask import globals as flask_globals
 
-from . import _agent
-from ._agent import Agent, UnitHandle
-from ._events import ANOMALIES, Anomaly, Event, OutOfContextAccess, Site
+from ctxtrace import _agent
+from ctxtrace._agent import Agent, UnitHandle
+from ctxtrace._events import ANOMALIES, Anomaly, Event, OutOfContextAccess, Site
 
 MARKER: Final = "ctxtrace_allow"
 ACCESS: Final = "out_of_context_access"

@@ -25,7 +25,7 @@ from flask.ctx import AppContext
 import ctxtrace
 from ctxtrace import _agent
 from ctxtrace._events import Anomaly, OutOfContextAccess
-from ctxtrace._names import safe_name
+from ctxtrace.core.names import safe_name
 
 from ._support import add_wrong_pop_route, clear_flask_stacks
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ctxtrace import _check_imports
+from ctxtrace.commands import check_imports
 
 from ._servers import REPO
 from ._support import line_of
@@ -24,7 +24,7 @@ BUGGY = FIXTURES / "imports_buggy"
 
 
 def check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    status = _check_imports.main(["--path", str(FIXTURES), *args])
+    status = check_imports.main(["--path", str(FIXTURES), *args])
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -37,7 +37,7 @@ def buggy_site(module: str, marker: str) -> tuple[str, int]:
 @pytest.fixture(scope="module")
 def buggy_report() -> dict[str, Any]:
     """The JSON report on the buggy package (one importing process for the module's tests)."""
-    report, problem = _check_imports._run_child(
+    report, problem = check_imports._run_child(
         ["imports_buggy"], [str(FIXTURES)], argparse.Namespace(timeout=60.0)
     )
     assert report is not None, problem
@@ -149,7 +149,7 @@ class TestCommand:
     def test_missing_arguments_exit_two(self, capsys: pytest.CaptureFixture[str]) -> None:
         """No package at all: argparse's usage error, status 2."""
         with pytest.raises(SystemExit) as exit_info:
-            _check_imports.main([])
+            check_imports.main([])
         assert exit_info.value.code == 2
 
     def test_the_console_script_runs_it(self) -> None:

@@ -20,7 +20,10 @@ from opentelemetry import metrics, trace
 from prometheus_client.parser import text_string_to_metric_families
 
 import ctxtrace
-from ctxtrace import _agent, _metrics, _prometheus, _spans
+from ctxtrace import _agent
+from ctxtrace.telemetry import metrics as _metrics
+from ctxtrace.telemetry import prometheus as _prometheus
+from ctxtrace.telemetry import spans as _spans
 
 from ._otlp import Receiver
 from ._servers import REPO, wait_until

@@ -9,8 +9,9 @@ import pytest
 from flask import Flask, current_app
 
 import ctxtrace
-from ctxtrace import _agent, _ledger
-from ctxtrace._ledger import Ledger
+from ctxtrace import _agent
+from ctxtrace.core import ledger
+from ctxtrace.core.ledger import Ledger
 
 from ._support import outcomes_app
 
@@ -85,7 +86,7 @@ def test_fault_in_ledger_leaves_app_identical(
         # The hottest two are closures each ledger builds for itself.
         monkeypatch.setattr(Ledger, f"_build_{name}", lambda self: _explode)
     else:
-        monkeypatch.setattr(_ledger._UnitState if owner else Ledger, name, _explode)
+        monkeypatch.setattr(ledger._UnitState if owner else Ledger, name, _explode)
     assert ctxtrace.instrument(metrics="none")
     instrumented = _observe()
     assert instrumented == bare

@@ -29,7 +29,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 import ctxtrace
-from ctxtrace import _agent, _providers
+from ctxtrace import _agent
+from ctxtrace.telemetry import providers
 
 from ._otlp import Receiver
 from ._servers import REPO, free_port, wait_until
@@ -358,11 +359,11 @@ def failing_tracer_and_reader() -> Iterator[InMemoryMetricReader]:
     tracer_provider.add_span_processor(FailingProcessor())
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
-    _providers.set_explicit(tracer_provider, meter_provider)
+    providers.set_explicit(tracer_provider, meter_provider)
     try:
         yield reader
     finally:
-        _providers.set_explicit(None, None)
+        providers.set_explicit(None, None)
         meter_provider.shutdown()
         tracer_provider.shutdown()
 

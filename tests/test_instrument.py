@@ -16,7 +16,8 @@ import pytest
 from flask import Flask
 
 import ctxtrace
-from ctxtrace import CtxTrace, _agent, _flaskshape
+from ctxtrace import CtxTrace, _agent
+from ctxtrace.core import flaskshape
 
 from ._servers import join_threads, wait_for_request_threads, werkzeug_server
 from ._support import Recorder
@@ -204,7 +205,7 @@ IN_FLIGHT_REQUESTS = 4
 IN_FLIGHT_THREADS = 2
 #: Flask <= 3.1 pushes an app context of its own under every request context; in its
 #: next release the request's context is itself the app context.
-OWN_APP_CONTEXTS = 0 if _flaskshape.detect().merged else 1
+OWN_APP_CONTEXTS = 0 if flaskshape.detect().merged else 1
 #: Every wait of these tests is bounded by this.
 WAIT_S = 10.0
 

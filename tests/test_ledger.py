@@ -12,7 +12,7 @@ import pytest
 from flask import Flask, g
 
 from ctxtrace import _agent
-from ctxtrace._flaskshape import detect
+from ctxtrace.core.flaskshape import detect
 
 from ._support import clear_flask_stacks
 

@@ -33,8 +33,8 @@ from hypothesis.stateful import (
 
 import ctxtrace
 from ctxtrace import _agent
-from ctxtrace._flaskshape import detect
-from ctxtrace._ledger import Ledger
+from ctxtrace.core.flaskshape import detect
+from ctxtrace.core.ledger import Ledger
 
 from ._support import Recorder
 

@@ -13,7 +13,7 @@ import structlog
 from flask import Flask, current_app, g, session
 
 import ctxtrace
-from ctxtrace._logs import RateLimiter
+from ctxtrace.telemetry.logs import RateLimiter
 
 from ._support import clear_flask_stacks
 

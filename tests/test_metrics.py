@@ -16,8 +16,10 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
 import ctxtrace
-from ctxtrace import _agent, _metrics, _providers
+from ctxtrace import _agent
 from ctxtrace._events import ANOMALIES, PROXIES
+from ctxtrace.telemetry import metrics as _metrics
+from ctxtrace.telemetry import providers
 
 Points = dict[str, list[tuple[dict[str, Any], Any]]]
 
@@ -27,7 +29,7 @@ def reader(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemoryMetricReader]:
     """The application's MeterProvider, with an in-memory reader, handed to ctxtrace."""
     metric_reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[metric_reader])
-    monkeypatch.setitem(_providers._explicit, "meter", provider)
+    monkeypatch.setitem(providers._explicit, "meter", provider)
     yield metric_reader
     provider.shutdown()
 
@@ -286,7 +288,7 @@ def test_late_global_provider_is_adopted(
     endpoint = emitter.private.endpoint
     late = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[late])
-    monkeypatch.setitem(_providers._explicit, "meter", provider)
+    monkeypatch.setitem(providers._explicit, "meter", provider)
     with app.app_context():
         pass
     emitter.tick()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ctxtrace._pids import alive
 from ctxtrace.example import SCENARIOS
+from ctxtrace.telemetry.pids import alive
 
 from ._servers import REPO, wait_until
 

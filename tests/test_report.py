@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from ctxtrace import _report
 from ctxtrace.cli import main
+from ctxtrace.commands import report as _report
 from ctxtrace.example.serve import start_server
 
 from ._servers import free_port, server_binary, stop, wait_until

@@ -173,15 +173,15 @@ def telemetry(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[InMemorySpanExp
 
     Requested before ``instrumented``, so the agent stops before they shut down.
     """
-    from ctxtrace import _providers  # noqa: PLC0415 - the telemetry layer's hand-over point
+    from ctxtrace.telemetry import providers  # noqa: PLC0415 - the telemetry layer's hand-over point
 
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
-    monkeypatch.setitem(_providers._explicit, "tracer", tracer_provider)
-    monkeypatch.setitem(_providers._explicit, "meter", meter_provider)
+    monkeypatch.setitem(providers._explicit, "tracer", tracer_provider)
+    monkeypatch.setitem(providers._explicit, "meter", meter_provider)
     yield exporter, reader
     tracer_provider.shutdown()
     meter_provider.shutdown()

@@ -15,7 +15,7 @@ import pytest
 from flask import Flask, current_app, g
 
 from ctxtrace import _agent
-from ctxtrace._flaskshape import detect
+from ctxtrace.core.flaskshape import detect
 
 from ._support import clear_flask_stacks, line_of, push_count
 

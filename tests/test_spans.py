@@ -21,7 +21,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
 
-from ctxtrace import _agent, _providers
+from ctxtrace import _agent
+from ctxtrace.telemetry import providers
 
 from ._support import clear_flask_stacks, line_of
 
@@ -34,7 +35,7 @@ def provider(
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setitem(_providers._explicit, "tracer", tracer_provider)
+    monkeypatch.setitem(providers._explicit, "tracer", tracer_provider)
     yield tracer_provider, exporter
     tracer_provider.shutdown()
 
@@ -286,7 +287,7 @@ class TestAllMode:
         exporter = InMemorySpanExporter()
         tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
         tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-        monkeypatch.setitem(_providers._explicit, "tracer", tracer_provider)
+        monkeypatch.setitem(providers._explicit, "tracer", tracer_provider)
         instrumented(metrics="none", spans="all")
         app.test_client().get("/")
         with app.app_context():

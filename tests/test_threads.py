@@ -10,7 +10,7 @@ from flask import Flask, current_app
 
 import ctxtrace
 from ctxtrace._events import Unit
-from ctxtrace._units import StartedBy
+from ctxtrace.core.units import StartedBy
 
 from ._support import line_of
 

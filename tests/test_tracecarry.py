@@ -10,7 +10,7 @@ from opentelemetry import trace
 from opentelemetry.context.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 
-from ctxtrace import _tracecarry
+from ctxtrace.telemetry import tracecarry
 
 
 class _OtherRuntime:
@@ -32,10 +32,10 @@ def test_capture_sees_the_span_current_at_push() -> None:
     """With the default runtime, the fast getter returns what ``get_current`` returns."""
     tracer = TracerProvider().get_tracer("test")
     with tracer.start_as_current_span("outer") as span:
-        carried = _tracecarry.capture()
-        assert _tracecarry.otel_part(carried) is otel_context.get_current()
-        assert trace.get_current_span(_tracecarry.otel_part(carried)) is span
-    assert trace.get_current_span(_tracecarry.otel_part(_tracecarry.capture())) is not span
+        carried = tracecarry.capture()
+        assert tracecarry.otel_part(carried) is otel_context.get_current()
+        assert trace.get_current_span(tracecarry.otel_part(carried)) is span
+    assert trace.get_current_span(tracecarry.otel_part(tracecarry.capture())) is not span
 
 
 def test_another_runtime_context_is_read_through_the_public_api(
@@ -44,6 +44,6 @@ def test_another_runtime_context_is_read_through_the_public_api(
     """A runtime context of another kind is never read behind its back."""
     other = _OtherRuntime()
     monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", other)
-    getter = _tracecarry._context_getter()
+    getter = tracecarry._context_getter()
     assert getter is otel_context.get_current
     assert getter() is other.current

@@ -18,10 +18,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import ctxtrace
-from ctxtrace import _providers, cli
+from ctxtrace import cli
 from ctxtrace._autostart import BOOTSTRAP_DIR
-from ctxtrace._cli_run import environment
 from ctxtrace._instrumentor import CtxtraceInstrumentor
+from ctxtrace.commands.run import environment
+from ctxtrace.telemetry import providers
 
 from ._servers import REPO
 
@@ -131,4 +132,4 @@ class TestInstrumentor:
         finally:
             instrumentor.uninstrument()
         assert not ctxtrace.is_instrumented()
-        assert _providers.global_tracer_provider() is not provider
+        assert providers.global_tracer_provider() is not provider

@@ -30,14 +30,21 @@ from typing import TYPE_CHECKING, Any, Final
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import _providers, _tracecarry
-from ._events import Anomaly, ContextInfo, ContextPopped, ContextPushed, Event, OutOfContextAccess
-from ._guard import run_within
-from ._version import VERSION
+from ctxtrace._events import (
+    Anomaly,
+    ContextInfo,
+    ContextPopped,
+    ContextPushed,
+    Event,
+    OutOfContextAccess,
+)
+from ctxtrace._version import VERSION
+from ctxtrace.core.guard import run_within
+from ctxtrace.telemetry import providers, tracecarry
 
 if TYPE_CHECKING:
-    from ._agent import Agent
-    from ._sdk_providers import PrivateTracing
+    from ctxtrace._agent import Agent
+    from ctxtrace.telemetry.sdk_providers import PrivateTracing
 
 SPAN_NAMES: Final = {"app": "flask.app_context", "request": "flask.request_context"}
 ACCESS_SPAN: Final = "ctxtrace.out_of_context_access"
@@ -117,15 +124,15 @@ class SpanEmitter:
 
     def _choose_tracer(self) -> None:
         """The global TracerProvider if set, else a private one if an exporter is named."""
-        provider = _providers.global_tracer_provider()
+        provider = providers.global_tracer_provider()
         if provider is None:
             agent = self._agent
-            self.private = _providers.build_tracing(
-                agent.worker, _providers.environ(), agent.errors.record
+            self.private = providers.build_tracing(
+                agent.worker, providers.environ(), agent.errors.record
             )
             provider = self.private.provider if self.private is not None else None
         self._provider = provider
-        self._tracer = provider.get_tracer(_providers.SCOPE, VERSION) if provider else None
+        self._tracer = provider.get_tracer(providers.SCOPE, VERSION) if provider else None
         self._recheck_at = time.monotonic() + RECHECK_S
 
     def _tracer_now(self) -> trace.Tracer | None:
@@ -138,12 +145,12 @@ class SpanEmitter:
             return tracer
         with self._lock:
             self._recheck_at = now + RECHECK_S
-            provider = _providers.global_tracer_provider()
+            provider = providers.global_tracer_provider()
             if provider is None or provider is self._provider:
                 return self._tracer
             private, self.private = self.private, None
             self._provider = provider
-            self._tracer = provider.get_tracer(_providers.SCOPE, VERSION)
+            self._tracer = provider.get_tracer(providers.SCOPE, VERSION)
         if private is not None:
             # Off this thread: a shutdown exports what is queued.
             threading.Thread(target=private.shutdown, name="ctxtrace-retire", daemon=True).start()
@@ -218,7 +225,7 @@ class SpanEmitter:
     def _pushed(self, event: ContextPushed) -> None:
         info = event.context
         if info.kind == "request" and info.unit is not None:
-            environ = _tracecarry.environ_part(event.carry)
+            environ = tracecarry.environ_part(event.carry)
             if environ is not None:
                 self._track(self._unit_environ, info.unit.id, environ)
 
@@ -268,7 +275,7 @@ class SpanEmitter:
         tracer = self._tracer_now()
         if tracer is None:
             return
-        parent = _tracecarry.parent_context(carry, self._request_environ(info, carry, in_anomaly))
+        parent = tracecarry.parent_context(carry, self._request_environ(info, carry, in_anomaly))
         route = self._route(info, carry) if info.kind == "request" else None
         outcome = anomalies[-1].name if anomalies else "popped"
         start = self._epoch(info.pushed_ns if info.pushed_ns else anomalies[0].at_ns)
@@ -295,17 +302,17 @@ class SpanEmitter:
         self, info: ContextInfo, carry: object, in_anomaly: bool
     ) -> Mapping[str, Any] | None:
         """For an app context a request pushed for itself: that request's environ."""
-        if info.kind != "app" or _tracecarry.environ_part(carry) is not None:
+        if info.kind != "app" or tracecarry.environ_part(carry) is not None:
             return None
         if info.unit is not None:
             environ: Mapping[str, Any] | None = self._unit_environ.get(info.unit.id)
             if environ is not None:
                 return environ
         # Found while the request pops it (a wrong pop): the request is up the stack.
-        return _tracecarry.dispatching_environ() if in_anomaly else None
+        return tracecarry.dispatching_environ() if in_anomaly else None
 
     def _route(self, info: ContextInfo, carry: object) -> str | None:
-        route = _tracecarry.route_of(carry)
+        route = tracecarry.route_of(carry)
         endpoint = info.site.endpoint if info.site is not None else None
         if endpoint is None:
             return route
@@ -314,7 +321,7 @@ class SpanEmitter:
             if len(self._route_cache) < 4096:
                 self._route_cache[key] = route
             return route
-        route = self._route_cache.get(key) or _tracecarry.route_for_endpoint(info.app, endpoint)
+        route = self._route_cache.get(key) or tracecarry.route_for_endpoint(info.app, endpoint)
         if route is not None and len(self._route_cache) < 4096:
             self._route_cache[key] = route
         return route

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _agent
-from ._integration_kit import FLUSH_TIMEOUT_S, on_import, set_role
+from ctxtrace import _agent
+from ctxtrace.integrations.kit import FLUSH_TIMEOUT_S, on_import, set_role
 
 if TYPE_CHECKING:
-    from ._agent import Agent, UnitHandle
+    from ctxtrace._agent import Agent, UnitHandle
 
 #: Tasks between prerun and postrun in this process; more means postrun was
 #: lost (a crashed pool process), and the oldest are forgotten.

@@ -35,7 +35,7 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
-from ._events import (
+from ctxtrace._events import (
     ANOMALIES,
     Anomaly,
     AnomalyName,
@@ -50,7 +50,7 @@ from ._events import (
     Site,
     Unit,
 )
-from ._names import safe_name
+from ctxtrace.core.names import safe_name
 
 _Node = tuple["_Entry", "_Node | None", int]
 _MAX_APPS: Final = 64

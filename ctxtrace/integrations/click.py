@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import _agent, _worker
-from ._integration_kit import set_role
-from ._patching import put_wrapper
+from ctxtrace import _agent, _worker
+from ctxtrace.core.patching import put_wrapper
+from ctxtrace.integrations.kit import set_role
 
 if TYPE_CHECKING:
-    from ._agent import Agent, UnitHandle
+    from ctxtrace._agent import Agent, UnitHandle
 
 
 def install(agent: Agent) -> Callable[[], None]:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from opentelemetry import trace
 
-from . import _tracecarry
-from ._events import Anomaly, ContextPopped, ContextPushed, Event
+from ctxtrace._events import Anomaly, ContextPopped, ContextPushed, Event
+from ctxtrace.telemetry import tracecarry
 
 
 def enrich(event: Event) -> dict[str, str]:
     """``{"trace_id", "span_id"}`` in the W3C hex form, or nothing when no span is known."""
     span_context = trace.get_current_span().get_span_context()
     if not span_context.is_valid and isinstance(event, Anomaly | ContextPushed | ContextPopped):
-        parent = _tracecarry.parent_context(event.carry)
+        parent = tracecarry.parent_context(event.carry)
         if parent is not None:
             span_context = trace.get_current_span(parent).get_span_context()
     if not span_context.is_valid:

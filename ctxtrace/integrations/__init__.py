@@ -11,19 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
-from . import _celery, _click, _rq, _threads
-from ._integration_kit import Remover
+from ctxtrace.integrations import celery, click, rq, threads
+from ctxtrace.integrations.kit import Remover
 
 if TYPE_CHECKING:
-    from ._agent import Agent
+    from ctxtrace._agent import Agent
 
 Installer = Callable[["Agent"], Remover]
 
 INSTALLERS: Final[tuple[tuple[str, Installer], ...]] = (
-    ("threads", _threads.install),
-    ("click", _click.install),
-    ("celery", _celery.install),
-    ("rq", _rq.install),
+    ("threads", threads.install),
+    ("click", click.install),
+    ("celery", celery.install),
+    ("rq", rq.install),
 )
 
 

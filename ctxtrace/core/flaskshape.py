@@ -16,7 +16,7 @@ from typing import Any
 import flask.ctx
 import flask.globals
 
-from ._events import Kind
+from ctxtrace._events import Kind
 
 
 @dataclass(frozen=True, slots=True)

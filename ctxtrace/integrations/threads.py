@@ -16,12 +16,13 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _agent, _units
-from ._patching import put_wrapper
+from ctxtrace import _agent
+from ctxtrace.core import units
+from ctxtrace.core.patching import put_wrapper
 
 if TYPE_CHECKING:
-    from ._agent import Agent
-    from ._events import Unit
+    from ctxtrace._agent import Agent
+    from ctxtrace._events import Unit
 
 #: ctxtrace's own threads (watchdog, exporters) are not units of the application.
 _OWN_PREFIX: Final = "ctxtrace-"
@@ -86,7 +87,7 @@ class _UnitRun:
             return
         try:
             handle = agent.begin_unit("thread", self.thread.name)
-            _units.started_by.enter(self.parent)
+            units.started_by.enter(self.parent)
         except Exception as exc:
             agent.errors.record("threads", exc)
             run()
@@ -95,7 +96,7 @@ class _UnitRun:
             run()
         finally:
             try:
-                _units.started_by.leave()
+                units.started_by.leave()
                 # Still the running agent: one that was stopped meanwhile has
                 # stopped watching, and its ledger would report stale news.
                 if _agent.current() is agent:

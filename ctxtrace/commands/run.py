@@ -15,8 +15,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._autostart import BOOTSTRAP_DIR
-from ._config import PREFIX, Config, ConfigError
+from ctxtrace._autostart import BOOTSTRAP_DIR
+from ctxtrace._config import PREFIX, Config, ConfigError
 
 
 def register(subparsers: Any) -> None:

@@ -34,13 +34,13 @@ import flask.globals
 import flask.helpers
 import werkzeug.local
 
-from . import _sites, _units
-from ._events import Kind, Phase, Site
-from ._flaskshape import FlaskShape
-from ._guard import InternalErrors
-from ._ledger import DISPATCHING, FINISHED, Ledger
-from ._names import safe_name
-from ._patching import Patch, copy_names
+from ctxtrace._events import Kind, Phase, Site
+from ctxtrace.core import sites, units
+from ctxtrace.core.flaskshape import FlaskShape
+from ctxtrace.core.guard import InternalErrors
+from ctxtrace.core.ledger import DISPATCHING, FINISHED, Ledger
+from ctxtrace.core.names import safe_name
+from ctxtrace.core.patching import Patch, copy_names
 
 _MAX_CACHED_APPS: Final = 256
 # Frames between ``_failed_lookup`` and the code that touched the proxy: through
@@ -95,7 +95,7 @@ class Hooks:
     def install(self) -> None:
         """Apply every patch, or none: a failure part-way takes back what was done."""
         shape = self.shape
-        _sites.mark(_stream_generator_code(), _sites.STREAM)
+        sites.mark(_stream_generator_code(), sites.STREAM)
         # Before the merge the class says the kind; after it, only the context does.
         classes: list[tuple[type[Any], Kind | None]] = [
             (shape.app_context, None if shape.merged else "app")
@@ -196,9 +196,9 @@ class Hooks:
         ledger_push = self.ledger.push
         kind_of = self.shape.kind
         slot = self.shape.slot(fixed_kind or "app")
-        caller = _sites.caller
-        user = _sites.USER
-        stream = _sites.STREAM
+        caller = sites.caller
+        user = sites.USER
+        stream = sites.STREAM
         suppressed = self.suppressed
         caches = self._stats_cache
 
@@ -643,11 +643,11 @@ class Hooks:
             if getattr(lookup, "fallback", None) is not None:
                 # werkzeug answers this lookup itself (bool(current_app) is False).
                 return
-        _, site = _sites.caller(above)
+        _, site = sites.caller(above)
         if self.suppressed is not None and self.suppressed(site):
             return
-        phase: Phase = "import" if _sites.is_import_time(above) else "runtime"
-        self.ledger.access(proxy, site, phase, exc, parent_unit=_units.started_by.get())
+        phase: Phase = "import" if sites.is_import_time(above) else "runtime"
+        self.ledger.access(proxy, site, phase, exc, parent_unit=units.started_by.get())
 
 
 def _with_failure_hook(

@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
-from . import _providers
-from ._events import ANOMALIES, PROXIES, Anomaly, Event, OutOfContextAccess
-from ._guard import run_within
-from ._version import VERSION
+from ctxtrace._events import ANOMALIES, PROXIES, Anomaly, Event, OutOfContextAccess
+from ctxtrace._version import VERSION
+from ctxtrace.core.guard import run_within
+from ctxtrace.telemetry import providers
 
 if TYPE_CHECKING:
-    from ._agent import Agent
-    from ._sdk_providers import PrivateMetrics
+    from ctxtrace._agent import Agent
+    from ctxtrace.telemetry.sdk_providers import PrivateMetrics
 
 #: Histogram bucket boundaries, in seconds: 100 us to 60 s.
 BUCKETS: Final = (
@@ -251,11 +251,11 @@ class MetricsEmitter:
 
     def _choose_meter(self) -> None:
         """The global MeterProvider if there is one, else a private one (or none)."""
-        provider = _providers.global_meter_provider()
+        provider = providers.global_meter_provider()
         if provider is None:
             agent = self._agent
-            self.private = _providers.build_metrics(
-                agent.worker, agent.config, _providers.environ(), agent.errors.record
+            self.private = providers.build_metrics(
+                agent.worker, agent.config, providers.environ(), agent.errors.record
             )
             provider = self.private.provider if self.private is not None else None
         self._use(provider)
@@ -268,7 +268,7 @@ class MetricsEmitter:
         if provider is None:
             self.feed.histogram = None
             return
-        meter: Meter = provider.get_meter(_providers.SCOPE, VERSION)
+        meter: Meter = provider.get_meter(providers.SCOPE, VERSION)
         self._binding = bind(meter, self)
         self.feed.histogram = self._binding.histogram
         if self.private is not None and self.private.push_readers:
@@ -302,7 +302,7 @@ class MetricsEmitter:
 
     def _adopt_late_global(self) -> None:
         """An app that configures OpenTelemetry after ctxtrace started gets our metrics too."""
-        provider = _providers.global_meter_provider()
+        provider = providers.global_meter_provider()
         if provider is None:
             return
         private, self.private = self.private, None

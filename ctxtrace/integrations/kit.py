@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _worker
+from ctxtrace import _worker
 
 if TYPE_CHECKING:
-    from ._agent import Agent
+    from ctxtrace._agent import Agent
 
 Remover = Callable[[], None]
 

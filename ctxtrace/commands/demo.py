@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-from . import _report
-from ._prometheus import target_file_name
+from ctxtrace.commands import report as _report
+from ctxtrace.telemetry.prometheus import target_file_name
 
 COMMAND: Final = "demo"
 #: Healthy endpoints of the shop; /items/99 is a healthy 404.
@@ -63,7 +63,7 @@ _CTXTRACE: Final = "import sys; from ctxtrace.cli import main; sys.exit(main())"
 def culprit_functions() -> dict[str, tuple[str, str]]:
     """For each scenario id, the file (base name) and function where the agent sees it."""
     # Imported here: the example app is only needed when the demo runs.
-    from .example import cli, extension, faults, middleware, worker  # noqa: PLC0415
+    from ctxtrace.example import cli, extension, faults, middleware, worker  # noqa: PLC0415
 
     def where(function: Callable[..., Any]) -> tuple[str, str]:
         code = function.__code__
@@ -94,7 +94,7 @@ def scenario_of(culprit: _report.Culprit, table: dict[str, tuple[str, str]]) -> 
 
 
 def explainer(table: dict[str, tuple[str, str]]) -> _report.Explain:
-    from .example import SCENARIOS  # noqa: PLC0415
+    from ctxtrace.example import SCENARIOS  # noqa: PLC0415
 
     by_id = {s.id: s for s in SCENARIOS}
 
@@ -223,7 +223,7 @@ def _trigger_on(base: str, path: str, follow_up: str | None, load: Load) -> dict
 def drive(base: str, progress: Progress, load: Load) -> None:
     """The whole bounded load: rounds of healthy traffic and every HTTP fault, noted in
     ``load`` as it goes (an interrupted load still says what it sent)."""
-    from .example import SCENARIOS  # noqa: PLC0415
+    from ctxtrace.example import SCENARIOS  # noqa: PLC0415
 
     for _round in range(ROUNDS):
         _healthy_batch(base, HEALTHY_PER_BATCH, load, progress)
@@ -238,7 +238,7 @@ def drive(base: str, progress: Progress, load: Load) -> None:
 
 
 def load_steps() -> int:
-    from .example import SCENARIOS  # noqa: PLC0415
+    from ctxtrace.example import SCENARIOS  # noqa: PLC0415
 
     http_faults = sum(1 for s in SCENARIOS if s.kind == "http")
     return (ROUNDS + 1) * HEALTHY_PER_BATCH + ROUNDS * http_faults
@@ -249,7 +249,7 @@ def load_steps() -> int:
 
 def run_cli_faults(out: Path, env: dict[str, str]) -> list[tuple[str, int | None]]:
     """Run each CLI scenario as ``ctxtrace run -- python -m ctxtrace.example COMMAND``."""
-    from .example import SCENARIOS  # noqa: PLC0415
+    from ctxtrace.example import SCENARIOS  # noqa: PLC0415
 
     results: list[tuple[str, int | None]] = []
     for scenario in SCENARIOS:
@@ -352,7 +352,7 @@ def scenario_findings(
     report: _report.Report, table: dict[str, tuple[str, str]]
 ) -> dict[str, dict[str, list[_report.Culprit]]]:
     """For each scenario, the culprits found for each anomaly it expects."""
-    from .example import SCENARIOS  # noqa: PLC0415
+    from ctxtrace.example import SCENARIOS  # noqa: PLC0415
 
     found: dict[str, dict[str, list[_report.Culprit]]] = {
         s.id: {a: [] for a in s.anomalies} for s in SCENARIOS
@@ -448,8 +448,8 @@ def _stop(server: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .example import SCENARIOS  # noqa: PLC0415
-    from .example.serve import server_environment, start_server  # noqa: PLC0415
+    from ctxtrace.example import SCENARIOS  # noqa: PLC0415
+    from ctxtrace.example.serve import server_environment, start_server  # noqa: PLC0415
 
     started = time.monotonic()
     out: Path = args.out or Path(f"ctxtrace-demo-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from . import _agent
-from ._integration_kit import FLUSH_TIMEOUT_S, on_import, set_role
-from ._patching import put_wrapper
+from ctxtrace import _agent
+from ctxtrace.core.patching import put_wrapper
+from ctxtrace.integrations.kit import FLUSH_TIMEOUT_S, on_import, set_role
 
 if TYPE_CHECKING:
-    from ._agent import Agent
+    from ctxtrace._agent import Agent
 
 
 def install(agent: Agent) -> Callable[[], None]:

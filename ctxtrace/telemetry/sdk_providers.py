@@ -27,9 +27,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from ._config import Config
-from ._guard import run_within
-from ._providers import (
+from ctxtrace._config import Config
+from ctxtrace.core.guard import run_within
+from ctxtrace.telemetry.providers import (
     OTEL_METRIC_EXPORT_INTERVAL,
     OTEL_METRIC_EXPORT_TIMEOUT,
     RecordError,
@@ -39,7 +39,7 @@ from ._providers import (
 )
 
 if TYPE_CHECKING:
-    from ._prometheus import Endpoint
+    from ctxtrace.telemetry.prometheus import Endpoint
 
 
 class ExportFailed(RuntimeError):
@@ -373,7 +373,7 @@ def build_metrics(
             if name == "prometheus":
                 if endpoint is None:
                     # prometheus_client loads only for this exporter.
-                    from ._prometheus import serve  # noqa: PLC0415
+                    from ctxtrace.telemetry.prometheus import serve  # noqa: PLC0415
 
                     endpoint, pull = serve(worker, config)
                     readers.append(pull)

@@ -29,10 +29,10 @@ from opentelemetry import metrics, trace
 # The API's stand-in until a MeterProvider is set; there is no public name for it.
 from opentelemetry.metrics._internal import _ProxyMeterProvider
 
-from ._config import Config
+from ctxtrace._config import Config
 
 if TYPE_CHECKING:
-    from ._sdk_providers import PrivateMetrics, PrivateTracing
+    from ctxtrace.telemetry.sdk_providers import PrivateMetrics, PrivateTracing
 
 #: Comma-separated span exporters (``otlp``, ``console``, ``none``); unset means none.
 OTEL_TRACES_EXPORTER: Final = "OTEL_TRACES_EXPORTER"
@@ -143,9 +143,9 @@ def build_tracing(
     """A private TracerProvider for the exporters the environment names, or ``None``."""
     if not trace_exporter_names(environ):
         return None
-    from . import _sdk_providers  # noqa: PLC0415 - the SDK only loads when used
+    from ctxtrace.telemetry import sdk_providers  # noqa: PLC0415 - the SDK only loads when used
 
-    return _sdk_providers.build_tracing(worker, environ, record)
+    return sdk_providers.build_tracing(worker, environ, record)
 
 
 def build_metrics(
@@ -154,6 +154,6 @@ def build_metrics(
     """A private MeterProvider for the chosen exporters, or ``None`` for none."""
     if not metric_exporter_names(config, environ):
         return None
-    from . import _sdk_providers  # noqa: PLC0415 - the SDK only loads when used
+    from ctxtrace.telemetry import sdk_providers  # noqa: PLC0415 - the SDK only loads when used
 
-    return _sdk_providers.build_metrics(worker, config, environ, record)
+    return sdk_providers.build_metrics(worker, config, environ, record)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from threading import get_ident
 
-from ._events import Unit
+from ctxtrace._events import Unit
 
 
 class StartedBy:

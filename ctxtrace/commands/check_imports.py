@@ -11,7 +11,7 @@ Exit status: 0 when clean, 1 when something was found, 2 on a usage error
 that fail to import for another reason are listed but do not change the status.
 
 ``ctxtrace.cli`` lists this module in ``COMMANDS`` and calls ``register``;
-``python -m ctxtrace._check_imports`` runs it on its own.
+``python -m ctxtrace.commands.check_imports`` runs it on its own.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from . import _agent
-from ._events import Anomaly, Event, OutOfContextAccess
+from ctxtrace import _agent
+from ctxtrace._events import Anomaly, Event, OutOfContextAccess
 
 COMMAND: Final = "check-imports"
 EXIT_CLEAN: Final = 0
@@ -78,7 +78,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``check-imports`` on its own (``python -m ctxtrace._check_imports``)."""
+    """Run ``check-imports`` on its own (``python -m ctxtrace.commands.check_imports``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == [_CHILD_FLAG]:
         return _child(args[1], args[2:])
@@ -224,7 +224,7 @@ def _run_child(
     with tempfile.TemporaryDirectory(prefix="ctxtrace-check-") as tmp:
         out = os.path.join(tmp, "report.json")
         command = [
-            sys.executable, "-m", "ctxtrace._check_imports", _CHILD_FLAG, out,
+            sys.executable, "-m", "ctxtrace.commands.check_imports", _CHILD_FLAG, out,
             *(f"--path={p}" for p in paths), *packages,
         ]
         try:

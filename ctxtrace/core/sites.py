@@ -23,7 +23,7 @@ import click
 import flask
 import werkzeug
 
-from ._events import Site
+from ctxtrace._events import Site
 
 USER: Final = 0
 LIBRARY: Final = 1

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _tracecarry
-from ._config import Config
-from ._metrics import MetricsEmitter
-from ._spans import SpanEmitter
+from ctxtrace._config import Config
+from ctxtrace.telemetry import tracecarry
+from ctxtrace.telemetry.metrics import MetricsEmitter
+from ctxtrace.telemetry.spans import SpanEmitter
 
 if TYPE_CHECKING:
-    from ._agent import Agent
+    from ctxtrace._agent import Agent
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +33,7 @@ class LedgerNeeds:
 def ledger_needs(config: Config) -> LedgerNeeds:
     return LedgerNeeds(
         lifecycle=config.spans == "all",
-        capture=_tracecarry.capture if config.spans != "off" else None,
+        capture=tracecarry.capture if config.spans != "off" else None,
     )
 
 

@@ -30,10 +30,10 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from ._pids import alive
+from ctxtrace.telemetry.pids import alive
 
 if TYPE_CHECKING:
-    from ._config import Config
+    from ctxtrace._config import Config
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _WILDCARDS = frozenset(("", "0.0.0.0", "::"))

@@ -25,7 +25,14 @@ from typing import Any, Final, TextIO
 
 import structlog
 
-from ._events import Anomaly, ContextInfo, ContextPopped, ContextPushed, Event, OutOfContextAccess
+from ctxtrace._events import (
+    Anomaly,
+    ContextInfo,
+    ContextPopped,
+    ContextPushed,
+    Event,
+    OutOfContextAccess,
+)
 
 LOGGER_NAME: Final = "ctxtrace"
 _ERROR_ANOMALIES: Final = frozenset(

@@ -1,0 +1,1 @@
+"""The ``ctxtrace`` subcommands; only ``ctxtrace.cli`` imports them."""

@@ -1,0 +1,1 @@
+"""The core: knows Flask and nothing else (hooks, ledger, sites)."""

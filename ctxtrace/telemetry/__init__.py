@@ -1,0 +1,1 @@
+"""The emitters: logs, metrics and spans, and the providers behind them."""
