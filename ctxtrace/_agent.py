@@ -22,7 +22,8 @@ from ctxtrace._events import Event, Site
 from ctxtrace.core import flaskshape
 from ctxtrace.core.guard import InternalErrors
 from ctxtrace.core.hooks import Hooks
-from ctxtrace.core.ledger import Ledger, LedgerPolicy
+from ctxtrace.core.ledger import Ledger
+from ctxtrace.core.records import LedgerPolicy
 from ctxtrace.telemetry import trace_ids, wiring
 from ctxtrace.telemetry.logs import LogEmitter, log_line
 

@@ -10,7 +10,7 @@ from flask import Flask, current_app
 
 import ctxtrace
 from ctxtrace import _agent
-from ctxtrace.core import ledger
+from ctxtrace.core import records
 from ctxtrace.core.ledger import Ledger
 
 from ._support import outcomes_app
@@ -71,7 +71,7 @@ def _explode(*args: Any, **kwargs: Any) -> None:
     "method",
     # What a request, a user's push and pop, a refused pop and a failed access call.
     [
-        "_UnitState.__init__", "dispatch_pushed", "end_unit",
+        "UnitState.__init__", "dispatch_pushed", "end_unit",
         "push", "popped", "pop", "access",
     ],
 )
@@ -86,7 +86,7 @@ def test_fault_in_ledger_leaves_app_identical(
         # The hottest two are closures each ledger builds for itself.
         monkeypatch.setattr(Ledger, f"_build_{name}", lambda self: _explode)
     else:
-        monkeypatch.setattr(ledger._UnitState if owner else Ledger, name, _explode)
+        monkeypatch.setattr(records.UnitState if owner else Ledger, name, _explode)
     assert ctxtrace.instrument(metrics="none")
     instrumented = _observe()
     assert instrumented == bare

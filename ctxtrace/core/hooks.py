@@ -24,6 +24,7 @@ import inspect
 import sys
 import types
 from collections.abc import Callable, Iterable
+from contextvars import Token
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -38,9 +39,10 @@ from ctxtrace._events import Kind, Phase, Site
 from ctxtrace.core import sites, units
 from ctxtrace.core.flaskshape import FlaskShape
 from ctxtrace.core.guard import InternalErrors
-from ctxtrace.core.ledger import DISPATCHING, FINISHED, Ledger
+from ctxtrace.core.ledger import Ledger
 from ctxtrace.core.names import safe_name
 from ctxtrace.core.patching import Patch, copy_names
+from ctxtrace.core.records import DISPATCHING, UnitState
 
 _MAX_CACHED_APPS: Final = 256
 # Frames between ``_failed_lookup`` and the code that touched the proxy: through
@@ -202,7 +204,7 @@ class Hooks:
         suppressed = self.suppressed
         caches = self._stats_cache
 
-        def tracked(ctx: Any, unit: Any) -> None:
+        def tracked(ctx: Any, unit: UnitState | None) -> None:
             """An ordinary push: tracked, with the user line that made it."""
             try:
                 kind = fixed_kind or kind_of(ctx)
@@ -227,7 +229,7 @@ class Hooks:
         request_stats = self._stats_cache["request"]
         app_stats = self._stats_cache["app"]
 
-        def dispatched(ctx: Any, unit: Any) -> None:
+        def dispatched(ctx: Any, unit: UnitState) -> None:
             """The request's own context (and Flask's app context for it): named by its endpoint."""
             try:
                 app = ctx.app
@@ -247,7 +249,7 @@ class Hooks:
         tracks_dispatch = self.ledger.tracks_dispatch
         app_stats = self._stats_cache["app"]
 
-        def for_request(ctx: Any, unit: Any) -> None:
+        def for_request(ctx: Any, unit: UnitState) -> None:
             """The app context Flask <= 3.1 pushes for the request it dispatches."""
             try:
                 if tracks_dispatch:
@@ -255,7 +257,7 @@ class Hooks:
                     dispatch_app_pushed(unit, ctx, stats)
                 else:
                     # Counted with the request context, once that is pushed.
-                    unit.dispatch_app = ctx
+                    unit.app_pushed_for_dispatch(ctx)
             except Exception as exc:
                 errors.record("hooks", exc)
 
@@ -274,19 +276,19 @@ class Hooks:
             if not hooks.active:
                 return original(self)
             try:
-                unit: Any = unit_now()
+                unit: UnitState | None = unit_now()
                 pushed_for_request = unit is not None and unit.dispatch is DISPATCHING
             except Exception as exc:
                 errors.record("hooks", exc)
                 return original(self)
             result = original(self)
-            if not pushed_for_request:
+            if not pushed_for_request or unit is None:
                 tracked(self, unit)
             elif tracks_dispatch:
                 for_request(self, unit)
             else:
                 # ``for_request``, inlined: counted with the request context, once pushed.
-                unit.dispatch_app = self
+                unit.app_pushed_for_dispatch(self)
             return result
 
         return push
@@ -312,26 +314,27 @@ class Hooks:
             if not hooks.active:
                 return original(self)
             try:
-                unit: Any = unit_now()
-                dispatch = (
+                unit: UnitState | None = unit_now()
+                dispatch = False
+                if (
                     unit is not None
                     and unit.dispatch is None
                     and unit.kind == "request"
                     and (fixed_kind == "request" or kind_of(self) == "request")
-                )
-                if dispatch:
-                    unit.dispatch = DISPATCHING
+                ):
+                    unit.begin_dispatch()
+                    dispatch = True
             except Exception as exc:
                 errors.record("hooks", exc)
                 return original(self)
-            if not dispatch:
+            if not dispatch or unit is None:
                 result = original(self)
                 tracked(self, unit)
                 return result
             try:
                 result = original(self)
             except BaseException:
-                unit.dispatch = None
+                unit.undo_dispatch()
                 raise
             # ``after.dispatched`` and ``FlaskShape.endpoint``, inlined: once per request.
             try:
@@ -369,27 +372,30 @@ class Hooks:
             if not hooks.active:
                 return original(self, *args, **kwargs)
             try:
-                unit: Any = unit_now()
+                unit: UnitState | None = unit_now()
                 dispatching = unit is not None and unit.dispatch is DISPATCHING
-                dispatch = (
+                dispatch = False
+                if (
                     not app_only
                     and unit is not None
                     and unit.dispatch is None
                     and unit.kind == "request"
                     and (fixed_kind == "request" or kind_of(self) == "request")
-                )
-                if dispatch:
-                    unit.dispatch = DISPATCHING
+                ):
+                    unit.begin_dispatch()
+                    dispatch = True
             except Exception as exc:
                 errors.record("hooks", exc)
                 return original(self, *args, **kwargs)
             try:
                 result = original(self, *args, **kwargs)
             except BaseException:
-                if dispatch:
-                    unit.dispatch = None
+                if dispatch and unit is not None:
+                    unit.undo_dispatch()
                 raise
-            if dispatch:
+            if unit is None:
+                after.tracked(self, unit)
+            elif dispatch:
                 after.dispatched(self, unit)
             elif app_only and dispatching:
                 after.for_request(self, unit)
@@ -462,7 +468,7 @@ class Hooks:
                         unit = unit_now() if carries_requests else None
                         if unit is not None and unit.dispatch is self:
                             # Counted when the unit ends (``Ledger.end_unit``).
-                            unit.dispatch = FINISHED
+                            unit.end_dispatch()
                         else:
                             entry = records.get(id(self))
                             if entry is not None:
@@ -507,7 +513,7 @@ class Hooks:
                     if not healthy:
                         ledger.pop(self, slot, before, count(self))
                     elif unit is not None and unit.dispatch is self:
-                        unit.dispatch = FINISHED
+                        unit.end_dispatch()
                     else:
                         entry = ledger.records.get(id(self))
                         if entry is not None:
@@ -538,7 +544,7 @@ class Hooks:
             if not hooks.active:
                 return original(self, environ, start_response)
             try:
-                outer: Any = unit_now()
+                outer: UnitState | None = unit_now()
                 if outer is not None and outer.dispatch is None and outer.kind == "request":
                     unit = None  # the request's unit has begun, nothing dispatched yet
                 else:
@@ -568,7 +574,8 @@ class Hooks:
         copy_names(wrapper, original)
         return wrapper
 
-    def _end_unit(self, unit: Any, token: Any) -> None:
+    def end_unit(self, unit: UnitState, token: Token[UnitState | None]) -> None:
+        """End a unit of work; with ``repair`` on, pop what it leaked."""
         try:
             leftovers = self.ledger.end_unit(unit, token, repair=self.repair)
         except Exception as exc:
@@ -584,10 +591,6 @@ class Hooks:
                 ctx.pop()
         except Exception as exc:
             self.errors.record("repair", exc)
-
-    def end_unit(self, unit: Any, token: Any) -> None:
-        """For integrations (tasks, commands, threads) that run their own units."""
-        self._end_unit(unit, token)
 
     # -- proxies ------------------------------------------------------------
 

@@ -29,14 +29,11 @@ import itertools
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias
+from typing import Final, Literal
 
 from ctxtrace._events import (
-    ANOMALIES,
     Anomaly,
     AnomalyName,
     ContextInfo,
@@ -50,214 +47,47 @@ from ctxtrace._events import (
     Site,
     Unit,
 )
+from ctxtrace.core.counters import read_count
 from ctxtrace.core.names import safe_name
+from ctxtrace.core.records import (
+    APP_SIDE,
+    CARRY,
+    COUNT,
+    DEPTH,
+    FINISHED,
+    FLAGS,
+    HANDED_OVER,
+    ID,
+    LONG_REPORTED,
+    ORPHANED,
+    OWNER,
+    PUSHED,
+    REF,
+    REPORTED,
+    REQUEST_SIDE,
+    SITE,
+    STATS,
+    STREAMING,
+    THREAD,
+    UNIT,
+    DispatchDetail,
+    Entry,
+    LedgerPolicy,
+    Marker,
+    Stats,
+    StatsSnapshot,
+    ThreadState,
+    UnitState,
+    entry_info,
+    is_context,
+)
 
-_Node = tuple["_Entry", "_Node | None", int]
+_Node = tuple["Entry", "_Node | None", int]
 _MAX_APPS: Final = 64
 OTHER_APP: Final = "other"
 #: The unit name of a request whose URL matched no rule.
 UNMATCHED: Final = "<unmatched>"
-
-
-class _Marker:
-    """A named sentinel for a unit's dispatch state."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
-
-
-# ``_UnitState.dispatch`` is None before the request's own context is pushed,
-# DISPATCHING while Flask pushes it, the context itself while it is pushed and
-# untracked, FINISHED once popped so, and HANDED_OVER once it has a record of
-# its own. ``_UnitState.dispatch_app`` is None, or the app context Flask <= 3.1
-# pushed for the request (its pop is counted with the request context's, which
-# encloses it), or HANDED_OVER.
-DISPATCHING: Final = _Marker("dispatching")
-FINISHED: Final = _Marker("finished")
-HANDED_OVER: Final = _Marker("handed over")
-# Which of a request's own contexts an id or record is about.
-REQUEST_SIDE: Final = 0
-APP_SIDE: Final = 1
-
-
-# Units are numbered per process, when first described.
-_UNIT_IDS: Final = itertools.count(1)
-
-
-def _is_context(state: object) -> bool:
-    """Whether a unit's dispatch state is a context (pushed, untracked), not a marker."""
-    return state is not None and state.__class__ is not _Marker
-
-
-def _count_of(counter: itertools.count[int]) -> int:
-    """Read an ``itertools.count`` without advancing it.
-
-    ``next()`` on a count is atomic under the GIL, which makes it an exact,
-    lock-free counter for the push path; its repr is the only way to read it.
-    """
-    return int(repr(counter)[6:-1])
-
-
-class _Stats:
-    """Exact counts for one (kind, app) pair, read by the metrics emitter."""
-
-    __slots__ = ("app", "durations", "kind", "pops", "pushes")
-
-    def __init__(self, kind: Kind, app: str, buffer: int) -> None:
-        self.kind: Kind = kind
-        self.app = app
-        self.pushes = itertools.count()
-        self.pops = itertools.count()
-        # Lifetimes wait here for the metrics emitter; a full buffer drops the
-        # oldest, and the emitter counts what it never saw.
-        self.durations: deque[float] = deque(maxlen=buffer)
-
-
-class _ThreadState:
-    """Per-thread facts captured once: identity and the flight record."""
-
-    __slots__ = ("flight", "ident", "name", "thread")
-
-    def __init__(self, flight: int) -> None:
-        current = threading.current_thread()
-        self.ident = current.ident or 0
-        self.name = safe_name(current.name)
-        self.thread: weakref.ref[threading.Thread] = weakref.ref(current)
-        # ``(op, entry)``, or a request unit standing for its untracked own contexts.
-        self.flight: deque[tuple[str, _Entry] | _UnitState] | None = (
-            deque(maxlen=flight) if flight else None
-        )
-
-    def alive(self) -> bool:
-        thread = self.thread()
-        return thread is not None and thread.is_alive()
-
-
-class _UnitState:
-    """A unit of work while it runs; ``finished`` turns its leftovers stale.
-
-    A request unit also carries the contexts Flask pushed to dispatch it while
-    they are untracked: ``dispatch`` and ``dispatch_app`` (see the markers
-    above; the hook layer sets DISPATCHING, the app context, and FINISHED when
-    Flask pops the request context from the top), and, set when the request
-    context is pushed, their counters, the push time and the thread. Their
-    depths, ids and full records wait in ``detail`` until something needs them.
-    """
-
-    # No ``__slots__``: the class holds every default, so starting a request (on
-    # every request) stores two attributes, not a dozen.
-    kind = "request"
-    name = "request"
-    finished = False
-    checked = False
-    # Whether a tracked context was pushed in this unit: only then can it leave any.
-    tracked = False
-    dispatch: object = None
-    dispatch_app: object = None
-    detail: _DispatchDetail | None = None
-    _id = 0
-    _info: Unit | None = None
-    # Set when the request context is pushed (read only once ``dispatch`` is a context).
-    stats: _Stats
-    app_stats: _Stats
-    thread: _ThreadState
-    pushed_ns: int
-
-    def __init__(self, current: ContextVar[_UnitState | None]) -> None:
-        """A request unit, made the current one of ``current`` (other kinds are renamed after)."""
-        self.parent = current.get()
-        self.token: Token[_UnitState | None] = current.set(self)
-
-    @property
-    def id(self) -> int:
-        """The unit's number, given on first use: most requests never need one."""
-        if not self._id:
-            self._id = next(_UNIT_IDS)
-        return self._id
-
-    def info(self) -> Unit:
-        """The unit as events carry it; made once per name (a request is named at dispatch)."""
-        info = self._info
-        if info is None or info.name != self.name:
-            info = self._info = Unit(id=self.id, kind=self.kind, name=self.name)
-        return info
-
-    def dispatch_live(self) -> bool:
-        """Whether the request's own context is pushed and has no record of its own."""
-        return _is_context(self.dispatch)
-
-
-class _DispatchDetail:
-    """What a request's untracked contexts need only when described: depths, ids, records."""
-
-    __slots__ = ("app_depth", "depth", "entries", "ids")
-
-    def __init__(self, depth: int = 1, app_depth: int = 1) -> None:
-        self.depth = depth
-        self.app_depth = app_depth
-        self.ids = [0, 0]
-        self.entries: tuple[_Entry, _Entry | None] | None = None
-
-
-# One tracked context object, however often it is pushed. A list, not a class:
-# building it is the single most frequent thing ctxtrace does, and a list
-# display costs a sixth of an ``__init__`` call. The indices are named here.
-_Entry: TypeAlias = list[Any]
-ID, REF, STATS, SITE, THREAD, PUSHED, UNIT, DEPTH, COUNT, FLAGS, OWNER, CARRY = range(12)
-
-# FLAGS bits.
-STREAMING = 1  # kept pushed by a streaming response, on purpose
-REPORTED = 2  # a stack anomaly named it: what follows from it is not reported again
-LONG_REPORTED = 4  # long_lived reported once
-ORPHANED = 8  # Flask dropped it from the stack when a context below it was popped
-
-
-def _info(entry: _Entry) -> ContextInfo:
-    stats: _Stats = entry[STATS]
-    thread: _ThreadState = entry[THREAD]
-    unit: _UnitState | None = entry[UNIT]
-    return ContextInfo(
-        id=entry[ID],
-        kind=stats.kind,
-        app=stats.app,
-        site=entry[SITE],
-        thread_id=thread.ident,
-        thread_name=thread.name,
-        pushed_ns=entry[PUSHED],
-        depth=entry[DEPTH],
-        push_count=entry[COUNT],
-        unit=unit.info() if unit is not None else None,
-        streaming=bool(entry[FLAGS] & STREAMING),
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class StatsSnapshot:
-    """Counts for one (kind, app) pair at a collection."""
-
-    kind: Kind
-    app: str
-    pushes: int
-    pops: int
-    active: int
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerPolicy:
-    """What the ledger looks for; built from the configuration."""
-
-    cap: int = 10_000
-    flight: int = 8
-    long_lived_request_s: float | None = 30.0
-    long_lived_app_s: float | None = None
-    long_lived_streaming: bool = False
-    detect: frozenset[str] = frozenset((*ANOMALIES, "out_of_context_access"))
-    duration_buffer: int = 65_536
+DEFAULT_POLICY: Final = LedgerPolicy()
 
 
 class Ledger:
@@ -275,7 +105,7 @@ class Ledger:
     def __init__(
         self,
         emit: Callable[[Event], None],
-        policy: LedgerPolicy = LedgerPolicy(),
+        policy: LedgerPolicy = DEFAULT_POLICY,
         *,
         slots: Iterable[str] = ("app", "request"),
         repush_stacks: bool = True,
@@ -298,21 +128,21 @@ class Ledger:
         self.request_slot = "request" if "request" in self._stacks else "app"
         self._request_var = self._stacks[self.request_slot]
         self._app_var = self._stacks.get("app", self._request_var)
-        self._unit: ContextVar[_UnitState | None] = ContextVar("ctxtrace.unit", default=None)
+        self._unit: ContextVar[UnitState | None] = ContextVar("ctxtrace.unit", default=None)
         #: The unit of work running in this Context, if any (the ContextVar's own ``get``:
         #: every push asks, and a method around it would cost a Python call).
-        self.current_unit: Callable[[], _UnitState | None] = self._unit.get
+        self.current_unit: Callable[[], UnitState | None] = self._unit.get
         #: A request starts (``Flask.__call__``): a unit, its token kept on it. Its
         #: stale check waits for the dispatch, which names it after its endpoint.
-        self.begin_request: Callable[[], _UnitState] = functools.partial(_UnitState, self._unit)
+        self.begin_request: Callable[[], UnitState] = functools.partial(UnitState, self._unit)
         self._tls = threading.local()
-        self._live: dict[int, _Entry] = {}
+        self._live: dict[int, Entry] = {}
         #: Which contexts have records, by ``id()``; read-only for the hook layer: a
         #: healthy pop of anything else (bar a request's own) needs nothing from here.
-        self.records: Mapping[int, _Entry] = self._live
+        self.records: Mapping[int, Entry] = self._live
         # Request units whose own contexts are pushed and untracked (see the module doc).
-        self._inflight: set[_UnitState] = set()
-        self._stats: dict[tuple[str, str], _Stats] = {}
+        self._inflight: set[UnitState] = set()
+        self._stats: dict[tuple[str, str], Stats] = {}
         self._stats_lock = threading.Lock()
         self._endpoint_sites: dict[str, Site] = {}
         self._ids = itertools.count(1)
@@ -322,20 +152,20 @@ class Ledger:
         self._check_stale = "stale_context" in policy.detect
         self._cap = policy.cap
         self.push: Callable[
-            [object, _Stats, str, Site | None, bool, _UnitState | None], None
+            [object, Stats, str, Site | None, bool, UnitState | None], None
         ] = self._build_push()
-        self.popped: Callable[[object, str, _Entry], None] = self._build_popped()
+        self.popped: Callable[[object, str, Entry], None] = self._build_popped()
 
     # -- per-thread facts -------------------------------------------------
 
-    def _thread(self) -> _ThreadState:
+    def _thread(self) -> ThreadState:
         try:
-            state: _ThreadState = self._tls.state
+            state: ThreadState = self._tls.state
         except AttributeError:
-            state = self._tls.state = _ThreadState(self.policy.flight)
+            state = self._tls.state = ThreadState(self.policy.flight)
         return state
 
-    def stats_for(self, kind: Kind, app: str) -> _Stats:
+    def stats_for(self, kind: Kind, app: str) -> Stats:
         """The counters for a (kind, app) pair; callers cache the handle.
 
         App names are bounded: past ``_MAX_APPS`` distinct names, new ones count
@@ -348,7 +178,7 @@ class Ledger:
                     app = OTHER_APP
                 stats = self._stats.get((kind, app))
                 if stats is None:
-                    stats = self._stats[(kind, app)] = _Stats(
+                    stats = self._stats[(kind, app)] = Stats(
                         kind, app, self.policy.duration_buffer
                     )
         return stats
@@ -386,18 +216,18 @@ class Ledger:
 
         def push(
             ctx: object,
-            stats: _Stats,
+            stats: Stats,
             slot: str,
             site: Site | None,
             streaming: bool,
-            unit: _UnitState | None,
+            unit: UnitState | None,
         ) -> None:
             if unit is not None:
                 unit.tracked = True
                 state = unit.dispatch
                 # ``dispatch_live``, inlined.
                 if unit.parent is not None or (
-                    state is not None and state.__class__ is not _Marker
+                    state is not None and state.__class__ is not Marker
                 ):
                     promote_all(unit)
             key = id(ctx)
@@ -405,7 +235,7 @@ class Ledger:
                 ledger._push_uncommon(ctx, stats, slot, site, streaming, unit)
                 return
             try:
-                thread: _ThreadState = ledger._tls.state
+                thread: ThreadState = ledger._tls.state
             except AttributeError:
                 thread = ledger._thread()
             var = stacks[slot]
@@ -424,18 +254,18 @@ class Ledger:
             if thread.flight is not None:
                 thread.flight.append(("push", entry))
             if lifecycle:
-                ledger._emit(ContextPushed(_info(entry), entry[CARRY]))
+                ledger._emit(ContextPushed(entry_info(entry), entry[CARRY]))
 
         return push
 
     def _push_uncommon(
         self,
         ctx: object,
-        stats: _Stats,
+        stats: Stats,
         slot: str,
         site: Site | None,
         streaming: bool,
-        unit: _UnitState | None,
+        unit: UnitState | None,
     ) -> None:
         """A push of a context that has a record already, or one past the cap."""
         entry = self._live.get(id(ctx))
@@ -459,7 +289,7 @@ class Ledger:
                 return
         next(self.dropped_contexts)
 
-    def _build_popped(self) -> Callable[[object, str, _Entry], None]:
+    def _build_popped(self) -> Callable[[object, str, Entry], None]:
         """``popped(ctx, slot, entry)``: Flask popped ``ctx`` from the top of its stack.
 
         The healthy pop. ``entry`` is ``ctx``'s record as the hook layer found
@@ -474,12 +304,12 @@ class Ledger:
         repush_stacks = self._repush_stacks
         lifecycle = self._lifecycle
 
-        def popped(ctx: object, slot: str, entry: _Entry) -> None:
+        def popped(ctx: object, slot: str, entry: Entry) -> None:
             if entry[REF]() is not ctx:
                 return
             # Popped from the top of its own stack: in its own Context, so (bar a
             # Context copied into another thread) on the thread that pushed it.
-            thread: _ThreadState = entry[THREAD]
+            thread: ThreadState = entry[THREAD]
             if thread.flight is not None:
                 thread.flight.append(("pop", entry))
             var = stacks[slot]
@@ -497,12 +327,12 @@ class Ledger:
             if count <= 1:
                 # The common end of a context's life: ``_finish``, inlined.
                 del live[id(ctx)]
-                stats: _Stats = entry[STATS]
+                stats: Stats = entry[STATS]
                 next(stats.pops)
                 duration = (clock() - entry[PUSHED]) / 1e9
                 stats.durations.append(duration)
                 if lifecycle:
-                    ledger._emit(ContextPopped(_info(entry), duration, entry[CARRY]))
+                    ledger._emit(ContextPopped(entry_info(entry), duration, entry[CARRY]))
 
         return popped
 
@@ -518,7 +348,7 @@ class Ledger:
         if entry is not None and entry[REF]() is not ctx:
             entry = None
         try:
-            thread: _ThreadState = self._tls.state
+            thread: ThreadState = self._tls.state
         except AttributeError:
             thread = self._thread()
         if entry is None:
@@ -544,10 +374,10 @@ class Ledger:
 
     def _pop_slow(
         self,
-        entry: _Entry,
+        entry: Entry,
         var: ContextVar[_Node | None],
         top: _Node | None,
-        thread: _ThreadState,
+        thread: ThreadState,
         before: int,
         after: int,
     ) -> None:
@@ -588,13 +418,13 @@ class Ledger:
                 self._finish(entry)
 
     @staticmethod
-    def _follows_earlier_mistake(entry: _Entry, culprit: _Entry) -> bool:
+    def _follows_earlier_mistake(entry: Entry, culprit: Entry) -> bool:
         return any(
             owner is not None and owner[FLAGS] & (REPORTED | ORPHANED)
             for owner in (entry[OWNER], culprit[OWNER])
         )
 
-    def _retire_stale(self, entry: _Entry) -> None:
+    def _retire_stale(self, entry: Entry) -> None:
         """A record whose object was freed and whose id a new context reuses.
 
         Freed while still pushed is a leak the sweep has not seen yet: report it now.
@@ -604,22 +434,22 @@ class Ledger:
             entry[FLAGS] |= REPORTED
             self._report("leaked", entry, None, reason="collected")
 
-    def _lookup(self, ctx: object) -> _Entry | None:
+    def _lookup(self, ctx: object) -> Entry | None:
         entry = self._live.get(id(ctx))
         if entry is not None and entry[REF]() is not ctx:
             return None
         return entry
 
-    def _finish(self, entry: _Entry) -> None:
+    def _finish(self, entry: Entry) -> None:
         self._forget(entry)
-        stats: _Stats = entry[STATS]
+        stats: Stats = entry[STATS]
         next(stats.pops)
         duration = (self._clock() - entry[PUSHED]) / 1e9
         stats.durations.append(duration)
         if self._lifecycle:
-            self._emit(ContextPopped(_info(entry), duration, entry[CARRY]))
+            self._emit(ContextPopped(entry_info(entry), duration, entry[CARRY]))
 
-    def _forget(self, entry: _Entry) -> None:
+    def _forget(self, entry: Entry) -> None:
         ctx = entry[REF]()
         if ctx is not None and self._live.get(id(ctx)) is entry:
             del self._live[id(ctx)]
@@ -631,7 +461,7 @@ class Ledger:
 
     # -- the contexts Flask pushes to dispatch a request ---------------------
 
-    def dispatch_app_pushed(self, unit: _UnitState, ctx: object, stats: _Stats) -> None:
+    def dispatch_app_pushed(self, unit: UnitState, ctx: object, stats: Stats) -> None:
         """Lifecycle mode: Flask <= 3.1 pushed an app context for the request it dispatches.
 
         Otherwise the hook layer only notes it on the unit, for ``dispatch_pushed``.
@@ -641,10 +471,10 @@ class Ledger:
 
     def dispatch_pushed(
         self,
-        unit: _UnitState,
+        unit: UnitState,
         ctx: object,
-        stats: _Stats,
-        app_stats: _Stats | None,
+        stats: Stats,
+        app_stats: Stats | None,
         endpoint: object,
     ) -> None:
         """Flask pushed the request context that dispatches ``unit``, matched to ``endpoint``.
@@ -660,7 +490,7 @@ class Ledger:
             self._dispatch_tracked(unit, ctx, stats)
             return
         try:
-            thread: _ThreadState = self._tls.state
+            thread: ThreadState = self._tls.state
         except AttributeError:
             thread = self._thread()
         unit.dispatch = ctx
@@ -682,11 +512,11 @@ class Ledger:
         else:
             self._dispatched_over(unit)
 
-    def _dispatched_over(self, unit: _UnitState) -> None:
+    def _dispatched_over(self, unit: UnitState) -> None:
         """A request dispatched while contexts are tracked: its depth, and what is stale."""
         below = self._request_var.get()
         below_app = self._app_var.get()
-        detail = unit.detail = _DispatchDetail(
+        detail = unit.detail = DispatchDetail(
             1 if below is None else below[2] + 1, 1 if below_app is None else below_app[2] + 1
         )
         deepest = max(detail.depth, detail.app_depth if unit.dispatch_app else 0)
@@ -694,7 +524,7 @@ class Ledger:
             self.depth_max = deepest
         self.check_stale(unit)
 
-    def _dispatch_tracked(self, unit: _UnitState, ctx: object, stats: _Stats) -> None:
+    def _dispatch_tracked(self, unit: UnitState, ctx: object, stats: Stats) -> None:
         """Lifecycle mode: the request context gets its record now, named by its endpoint."""
         self.push(ctx, stats, self.request_slot, None, False, unit)
         implicit = unit.dispatch_app
@@ -719,7 +549,7 @@ class Ledger:
             if owned is not None:
                 owned[OWNER] = entry
                 owned[SITE] = site
-        unit: _UnitState | None = entry[UNIT]
+        unit: UnitState | None = entry[UNIT]
         if unit is not None and unit.kind == "request" and not unit.finished:
             unit.name = site.endpoint or unit.name
             if not unit.checked:
@@ -731,13 +561,13 @@ class Ledger:
         if unit is not None and (unit.parent is not None or unit.dispatch_live()):
             self._promote_all(unit)
 
-    def _promote_all(self, unit: _UnitState | None) -> None:
+    def _promote_all(self, unit: UnitState | None) -> None:
         while unit is not None:
             if unit.dispatch_live():
                 self._promote(unit)
             unit = unit.parent
 
-    def _promote(self, unit: _UnitState) -> None:
+    def _promote(self, unit: UnitState) -> None:
         """Track a request's own contexts from here on, at their place in the mirror.
 
         Nothing tracked was pushed above them since their push (a push would
@@ -745,10 +575,7 @@ class Ledger:
         Their pushes were counted already; their pops will be, as any other.
         """
         request, app = self._dispatch_entries(unit)
-        unit.dispatch = HANDED_OVER
-        if unit.dispatch_app is not None:
-            unit.dispatch_app = HANDED_OVER
-        unit.tracked = True
+        unit.hand_over()
         self._inflight.discard(unit)
         placed = ((app, self._app_var), (request, self._request_var))
         for entry, var in placed:
@@ -762,13 +589,13 @@ class Ledger:
             var.set((entry, below, entry[DEPTH]))
             self._live[id(ctx)] = entry
 
-    def _detail(self, unit: _UnitState) -> _DispatchDetail:
+    def _detail(self, unit: UnitState) -> DispatchDetail:
         detail = unit.detail
         if detail is None:
-            detail = unit.detail = _DispatchDetail()
+            detail = unit.detail = DispatchDetail()
         return detail
 
-    def _dispatch_entries(self, unit: _UnitState) -> tuple[_Entry, _Entry | None]:
+    def _dispatch_entries(self, unit: UnitState) -> tuple[Entry, Entry | None]:
         """Full records for a request's own contexts, built once, on the first need."""
         detail = self._detail(unit)
         if detail.entries is not None:
@@ -780,9 +607,9 @@ class Ledger:
             site, unit.thread, unit.pushed_ns, unit, detail.depth, 1, 0, None,
             capture(unit.dispatch) if capture is not None else None,
         ]
-        app: _Entry | None = None
+        app: Entry | None = None
         implicit = unit.dispatch_app
-        if _is_context(implicit):
+        if is_context(implicit):
             app = [
                 self._dispatch_id(unit, APP_SIDE), weakref.ref(implicit), unit.app_stats,
                 site, unit.thread, unit.pushed_ns, unit, detail.app_depth, 1, 0, request,
@@ -791,7 +618,7 @@ class Ledger:
         detail.entries = (request, app)
         return detail.entries
 
-    def _dispatch_id(self, unit: _UnitState, side: int) -> int:
+    def _dispatch_id(self, unit: UnitState, side: int) -> int:
         """ctxtrace's id for one of a request's own contexts, given when first asked."""
         ids = self._detail(unit).ids
         if not ids[side]:
@@ -806,7 +633,7 @@ class Ledger:
                 self._endpoint_sites[endpoint] = site
         return site
 
-    def _dispatching_unit(self, ctx: object) -> _UnitState | None:
+    def _dispatching_unit(self, ctx: object) -> UnitState | None:
         """The running request whose untracked context ``ctx`` is, if any."""
         unit = self._unit.get()
         if unit is not None and (unit.dispatch is ctx or unit.dispatch_app is ctx):
@@ -817,7 +644,7 @@ class Ledger:
         return None
 
     def _foreign_dispatch_pop(
-        self, unit: _UnitState, ctx: object, thread: _ThreadState
+        self, unit: UnitState, ctx: object, thread: ThreadState
     ) -> None:
         """A request's own context popped outside its Context: reported once, left pushed."""
         request, app = self._dispatch_entries(unit)
@@ -830,30 +657,30 @@ class Ledger:
             entry[FLAGS] |= REPORTED
             self._report("foreign_pop", entry, thread)
 
-    def _live_dispatch_entries(self, unit: _UnitState) -> list[_Entry]:
+    def _live_dispatch_entries(self, unit: UnitState) -> list[Entry]:
         """The records of a running request's own contexts that are still pushed."""
         request, app = self._dispatch_entries(unit)
-        return [request] if app is None or not _is_context(unit.dispatch_app) else [request, app]
+        return [request] if app is None or not is_context(unit.dispatch_app) else [request, app]
 
     # -- units of work ----------------------------------------------------
 
     def begin_unit(
         self, kind: str, name: str, *, check_stale: bool = True
-    ) -> tuple[_UnitState, Token[_UnitState | None]]:
+    ) -> tuple[UnitState, Token[UnitState | None]]:
         """A unit of work starts on this thread.
 
         What earlier units left on the stacks is reported now, or, with
         ``check_stale=False``, once the unit knows its name (a request learns
         its endpoint when its context is pushed) and at the latest when it ends.
         """
-        unit = _UnitState(self._unit)
+        unit = UnitState(self._unit)
         unit.kind = kind
         unit.name = safe_name(name)
         if check_stale:
             self.check_stale(unit)
         return unit, unit.token
 
-    def check_stale(self, unit: _UnitState) -> None:
+    def check_stale(self, unit: UnitState) -> None:
         """Report each context a finished unit left on this thread's stacks."""
         unit.checked = True
         if not self._check_stale:
@@ -861,11 +688,11 @@ class Ledger:
         for var in self._stacks.values():
             node = var.get()
             while node is not None:
-                owner: _UnitState | None = node[0][UNIT]
+                owner: UnitState | None = node[0][UNIT]
                 if owner is not None and owner.finished:
                     # Rare: only now pay for de-duplicating what is reported.
                     for entry in self._entries_on_stacks():
-                        stale_owner: _UnitState | None = entry[UNIT]
+                        stale_owner: UnitState | None = entry[UNIT]
                         if stale_owner is not None and stale_owner.finished:
                             self._report(
                                 "stale_context", entry, self._thread(), unit=unit.info()
@@ -873,13 +700,13 @@ class Ledger:
                     return
                 node = node[1]
 
-    def leave_unit(self, token: Token[_UnitState | None]) -> None:
+    def leave_unit(self, token: Token[UnitState | None]) -> None:
         """Leave a unit without judging it: the agent was switched off while it ran."""
         with contextlib.suppress(ValueError):  # reset in another Context
             self._unit.reset(token)
 
     def end_unit(
-        self, unit: _UnitState, token: Token[_UnitState | None] | None, repair: bool = False
+        self, unit: UnitState, token: Token[UnitState | None] | None, repair: bool = False
     ) -> list[object]:
         """A unit ends: what it pushed and left pushed is leaked.
 
@@ -899,11 +726,11 @@ class Ledger:
             next(stats.pops)
             stats.durations.append(duration)
             implicit = unit.dispatch_app
-            if implicit is not None and implicit.__class__ is not _Marker:
+            if implicit is not None and implicit.__class__ is not Marker:
                 stats = unit.app_stats
                 next(stats.pops)
                 stats.durations.append(duration)
-        elif state is not None and state.__class__ is not _Marker:  # ``dispatch_live``, inlined
+        elif state is not None and state.__class__ is not Marker:  # ``dispatch_live``, inlined
             # The request's own context outlives it: give it a record, reported below.
             self._promote(unit)
         if not unit.checked:
@@ -932,9 +759,9 @@ class Ledger:
             )
         return to_repair
 
-    def _left_by(self, unit: _UnitState) -> list[_Entry]:
+    def _left_by(self, unit: UnitState) -> list[Entry]:
         """The contexts ``unit`` pushed that are still on this thread's stacks."""
-        leftovers: list[_Entry] = []
+        leftovers: list[Entry] = []
         for var in self._stacks.values():
             node = var.get()
             while node is not None:
@@ -952,9 +779,9 @@ class Ledger:
                 node = node[1]
         return leftovers
 
-    def _entries_on_stacks(self) -> list[_Entry]:
+    def _entries_on_stacks(self) -> list[Entry]:
         """The distinct entries on this thread's stacks (usually none or two)."""
-        found: list[_Entry] = []
+        found: list[Entry] = []
         for var in self._stacks.values():
             node = var.get()
             while node is not None:
@@ -986,7 +813,7 @@ class Ledger:
         for unit in list(self._inflight):
             self._sweep_dispatch(unit, now)
 
-    def _check_age(self, entry: _Entry, now: int) -> None:
+    def _check_age(self, entry: Entry, now: int) -> None:
         flags = entry[FLAGS]
         policy = self.policy
         if flags & LONG_REPORTED or (flags & STREAMING and not policy.long_lived_streaming):
@@ -997,7 +824,7 @@ class Ledger:
             entry[FLAGS] |= LONG_REPORTED
             self._report("long_lived", entry, None)
 
-    def _sweep_dispatch(self, unit: _UnitState, now: int) -> None:
+    def _sweep_dispatch(self, unit: UnitState, now: int) -> None:
         """The sweep for a running request's untracked contexts: age, or a dead thread."""
         if not unit.dispatch_live():
             self._inflight.discard(unit)
@@ -1073,25 +900,25 @@ class Ledger:
     def _report(
         self,
         name: AnomalyName,
-        entry: _Entry,
-        thread: _ThreadState | None,
+        entry: Entry,
+        thread: ThreadState | None,
         *,
-        other: _Entry | None = None,
+        other: Entry | None = None,
         unit: Unit | None = None,
         reason: str = "",
         repaired: bool = False,
     ) -> None:
         if name not in self._detect:
             return
-        where: _ThreadState = thread or entry[THREAD]
+        where: ThreadState = thread or entry[THREAD]
         self._emit(
             Anomaly(
                 name=name,
-                context=_info(entry),
+                context=entry_info(entry),
                 flight=self._flight(where),
                 at_ns=self._clock(),
                 thread_name=where.name,
-                other=_info(other) if other is not None else None,
+                other=entry_info(other) if other is not None else None,
                 unit=unit,
                 reason=reason,
                 repaired=repaired,
@@ -1099,7 +926,7 @@ class Ledger:
             )
         )
 
-    def _report_unknown_double_pop(self, ctx: object, thread: _ThreadState) -> None:
+    def _report_unknown_double_pop(self, ctx: object, thread: ThreadState) -> None:
         kind, app = self._describe(ctx)
         info = ContextInfo(
             id=0, kind=kind, app=app, site=None, thread_id=thread.ident,
@@ -1112,20 +939,20 @@ class Ledger:
             )
         )
 
-    def _flight(self, thread: _ThreadState) -> tuple[FlightRecord, ...]:
+    def _flight(self, thread: ThreadState) -> tuple[FlightRecord, ...]:
         flight = thread.flight
         if flight is None:
             return ()
         records: list[FlightRecord] = []
         for item in list(flight):
-            if isinstance(item, _UnitState):
+            if isinstance(item, UnitState):
                 records.extend(self._request_flight(item))
             else:
                 records.append(self._flight_record(*item))
         return tuple(records[-(flight.maxlen or len(records)) :])
 
     @staticmethod
-    def _flight_record(op: str, entry: _Entry) -> FlightRecord:
+    def _flight_record(op: str, entry: Entry) -> FlightRecord:
         return FlightRecord(
             op="push" if op == "push" else "pop",
             kind=entry[STATS].kind,
@@ -1134,7 +961,7 @@ class Ledger:
             thread_name=entry[THREAD].name,
         )
 
-    def _request_flight(self, unit: _UnitState) -> list[FlightRecord]:
+    def _request_flight(self, unit: UnitState) -> list[FlightRecord]:
         """The story of a request's own contexts, from its one flight record.
 
         Their pushes; and their pops, if they were popped untracked (nothing
@@ -1175,7 +1002,7 @@ class Ledger:
             if not unit.dispatch_live():
                 continue
             pushed = [unit.stats]
-            if _is_context(unit.dispatch_app):
+            if is_context(unit.dispatch_app):
                 pushed.append(unit.app_stats)
             for stats in pushed:
                 key = (stats.kind, stats.app)
@@ -1184,8 +1011,8 @@ class Ledger:
             StatsSnapshot(
                 kind=s.kind,
                 app=s.app,
-                pushes=_count_of(s.pushes),
-                pops=_count_of(s.pops),
+                pushes=read_count(s.pushes),
+                pops=read_count(s.pops),
                 active=active.get((s.kind, s.app), 0),
             )
             for s in list(self._stats.values())

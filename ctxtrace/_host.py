@@ -1,0 +1,72 @@
+"""What the emitters and integrations may ask of the running agent, and nothing more.
+
+Emitters (``telemetry/``) and integrations (``integrations/``) are handed a
+``Host`` instead of the whole agent, so they cannot reach into the ledger or the
+hooks, and none of them imports ``ctxtrace._agent``: the data path stays one
+direction, hooks -> ledger -> events -> emitters, and the import graph has no
+cycle through the agent (the import-linter contracts in ``pyproject.toml``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ctxtrace._config import Config
+    from ctxtrace._events import Kind, Unit
+    from ctxtrace.core.guard import InternalErrors
+    from ctxtrace.core.records import StatsSnapshot, UnitState
+
+
+@dataclass(frozen=True, slots=True)
+class UnitHandle:
+    """What ``Host.begin_unit`` hands back, to pass to ``Host.end_unit``."""
+
+    unit: UnitState | None
+    token: object
+
+
+class Host(Protocol):
+    """The running agent, as its emitters and integrations see it."""
+
+    config: Config
+    errors: InternalErrors
+    #: ``host:pid:role``, the ``worker`` label; changes at fork and with the role.
+    worker: str
+
+    @property
+    def running(self) -> bool:
+        """Whether this agent is still the one running: a stopped agent stays quiet."""
+        ...
+
+    # -- units of work (integrations) ----------------------------------------
+
+    def begin_unit(self, kind: str, name: str) -> UnitHandle: ...
+
+    def end_unit(self, handle: UnitHandle) -> None: ...
+
+    def current_unit(self) -> Unit | None:
+        """The unit running on the calling thread, if any (who starts a thread)."""
+        ...
+
+    def set_role(self, role: str) -> None:
+        """Say what this process is (``celery``, ``rq``, ``cli``); renames ``worker``."""
+        ...
+
+    def flush(self, timeout_s: float) -> None:
+        """Hand over what the emitters buffer (a process about to end without atexit)."""
+        ...
+
+    # -- what the ledger and the emitters counted (metrics) -------------------
+
+    def snapshot(self) -> list[StatsSnapshot]: ...
+
+    def drain_durations(self) -> Iterator[tuple[Kind, str, float]]: ...
+
+    def take_depth_max(self) -> int: ...
+
+    def dropped(self) -> dict[str, int]:
+        """What the ledger's and the log emitter's bounds turned away, by ``what``."""
+        ...
