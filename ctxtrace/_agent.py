@@ -12,59 +12,34 @@ import atexit
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from ctxtrace import _signals, _worker, integrations
 from ctxtrace._config import Config, ConfigError
-from ctxtrace._events import Event, Site
+from ctxtrace._events import Event, Kind, Site, Unit
+from ctxtrace._host import UnitHandle
 from ctxtrace.core import flaskshape
+from ctxtrace.core.counters import read_count
 from ctxtrace.core.guard import InternalErrors
 from ctxtrace.core.hooks import Hooks
 from ctxtrace.core.ledger import Ledger
-from ctxtrace.core.records import LedgerPolicy
+from ctxtrace.core.records import LedgerPolicy, StatsSnapshot
 from ctxtrace.telemetry import trace_ids, wiring
 from ctxtrace.telemetry.logs import LogEmitter, log_line
 
 
 class Emitter(Protocol):
-    """A subscriber to ledger events: logs, spans, metrics."""
+    """A subscriber to ledger events: logs, spans, metrics.
+
+    Optionally also ``start()``, ``stop(timeout_s)``, ``flush(timeout_s)`` and
+    ``after_fork()``, which the agent calls when it has them.
+    """
 
     @property
     def name(self) -> str: ...
 
     def handle(self, event: Event) -> None: ...
-
-
-class Lifecycle(Protocol):
-    """Optional hooks an emitter may have, called by the agent."""
-
-    def start(self) -> None: ...
-
-    def stop(self, timeout_s: float) -> None: ...
-
-    def after_fork(self) -> None: ...
-
-    def flush(self, timeout_s: float) -> None: ...
-
-
-EmitterFactory = Callable[["Agent"], list[Emitter]]
-
-
-@dataclass(frozen=True, slots=True)
-class UnitHandle:
-    """What ``Agent.begin_unit`` hands back, to pass to ``Agent.end_unit``."""
-
-    unit: Any
-    token: Any
-_extra_emitters: list[EmitterFactory] = []
-
-
-def register_emitters(factory: EmitterFactory) -> None:
-    """Let the telemetry layer add its emitters to every agent built from now on."""
-    if factory not in _extra_emitters:
-        _extra_emitters.append(factory)
 
 
 class _Suppressions:
@@ -93,19 +68,22 @@ class _Suppressions:
 
 
 class Agent:
-    """Everything one instrumentation owns; built by ``instrument()``."""
+    """Everything one instrumentation owns; built by ``instrument()``.
+
+    To its emitters and integrations it is a ``Host`` (``ctxtrace/_host.py``):
+    they get this object but may use only what that protocol names.
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.shape = flaskshape.detect()
         self.errors = InternalErrors(self._log_internal_error)
         self.worker = _worker.worker_id()
-        self.emitters: list[Emitter] = [
-            LogEmitter(
-                lambda: self.worker, config.log_rate_window, config.log_lifecycle,
-                enrich=trace_ids.enrich,
-            )
-        ]
+        self.logs = LogEmitter(
+            lambda: self.worker, config.log_rate_window, config.log_lifecycle,
+            enrich=trace_ids.enrich,
+        )
+        self.emitters: list[Emitter] = [self.logs]
         # Spans need push/pop events (``all``) and the trace current at each push.
         needs = wiring.ledger_needs(config)
         self.ledger = Ledger(
@@ -132,11 +110,9 @@ class Agent:
             suppressed=_Suppressions(config.suppress) if config.suppress else None,
             detect_access=config.detect_out_of_context_access,
         )
-        # Metrics and spans (ctxtrace/wiring.py), then any registered extras.
+        # Metrics and spans (ctxtrace/telemetry/wiring.py).
         self.telemetry: list[Any] = wiring.emitters(self)
         self.emitters.extend(self.telemetry)
-        for factory in _extra_emitters:
-            self.emitters.extend(factory(self))
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.integrations: list[Callable[[], None]] = []
@@ -164,8 +140,34 @@ class Agent:
 
     def end_unit(self, handle: UnitHandle) -> None:
         """End a unit started by ``begin_unit``; repairs leaks when ``repair`` is on."""
-        if handle.unit is not None:
+        if handle.unit is not None and handle.token is not None:
             self.hooks.end_unit(handle.unit, handle.token)
+
+    @property
+    def running(self) -> bool:
+        """Whether this agent is the one running (one stopped meanwhile stays quiet)."""
+        return _agent is self
+
+    def current_unit(self) -> Unit | None:
+        unit = self.ledger.current_unit()
+        return unit.info() if unit is not None else None
+
+    def set_role(self, role: str) -> None:
+        if _worker.role() != role:
+            _worker.set_role(role)
+            self.worker = _worker.worker_id()
+
+    def snapshot(self) -> list[StatsSnapshot]:
+        return self.ledger.snapshot()
+
+    def drain_durations(self) -> Iterator[tuple[Kind, str, float]]:
+        return self.ledger.drain_durations()
+
+    def take_depth_max(self) -> int:
+        return self.ledger.take_depth_max()
+
+    def dropped(self) -> dict[str, int]:
+        return {"context": read_count(self.ledger.dropped_contexts), "log": self.logs.dropped}
 
     def _dispatch(self, event: Event) -> None:
         if self.stopped:
@@ -210,7 +212,7 @@ class Agent:
             raise
         self._start_watchdog()
         # An unhandled SIGTERM would end the process without atexit: flush first.
-        _signals.install(lambda budget_s: self.at_exit())
+        _signals.install(self.at_exit)
         # Tasks, jobs, commands and threads as units; each one fails alone.
         self.integrations = integrations.install_all(self)
 
@@ -271,12 +273,13 @@ class Agent:
         except Exception as exc:
             self.errors.record("watchdog", exc)
 
-    def at_exit(self) -> None:
+    def at_exit(self, timeout_s: float = 2.0) -> None:
+        """The process ends: what is still pushed is leaked; flush within ``timeout_s``."""
         try:
             self.ledger.finish_all()
         except Exception as exc:
             self.errors.record("ledger", exc)
-        self.stop(timeout_s=2.0)
+        self.stop(timeout_s)
 
     def after_fork(self) -> None:
         """In a forked child: new identity, no inherited contexts, fresh threads."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from ctxtrace._config import Config
     from ctxtrace._events import Kind, Unit
     from ctxtrace.core.guard import InternalErrors
@@ -25,7 +27,7 @@ class UnitHandle:
     """What ``Host.begin_unit`` hands back, to pass to ``Host.end_unit``."""
 
     unit: UnitState | None
-    token: object
+    token: Token[UnitState | None] | None
 
 
 class Host(Protocol):

@@ -35,8 +35,9 @@ import pytest
 from flask import globals as flask_globals
 
 from ctxtrace import _agent
-from ctxtrace._agent import Agent, UnitHandle
+from ctxtrace._agent import Agent
 from ctxtrace._events import ANOMALIES, Anomaly, Event, OutOfContextAccess, Site
+from ctxtrace._host import UnitHandle
 
 MARKER: Final = "ctxtrace_allow"
 ACCESS: Final = "out_of_context_access"

@@ -11,6 +11,8 @@ import itertools
 import threading
 from collections.abc import Callable
 
+from ctxtrace.core.counters import read_count
+
 
 class InternalErrors:
     """Per-component counts of swallowed errors; the first of each is logged."""
@@ -37,7 +39,7 @@ class InternalErrors:
             pass
 
     def counts(self) -> dict[str, int]:
-        return {name: int(repr(c)[6:-1]) for name, c in list(self._counts.items())}
+        return {name: read_count(c) for name, c in list(self._counts.items())}
 
 
 def run_within(

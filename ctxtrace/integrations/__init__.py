@@ -1,7 +1,7 @@
 """Units of work beyond requests: tasks, jobs, commands and threads.
 
-Each integration is a function ``install(agent)`` that hooks one library and
-returns the function that unhooks it. The agent calls every installer when it
+Each integration is a function ``install(host)`` that hooks one library and
+returns the function that unhooks it. The host calls every installer when it
 starts and every remover when it stops. An installer that fails is counted and
 skipped: the rest of ctxtrace still runs.
 """
@@ -15,9 +15,9 @@ from ctxtrace.integrations import celery, click, rq, threads
 from ctxtrace.integrations.kit import Remover
 
 if TYPE_CHECKING:
-    from ctxtrace._agent import Agent
+    from ctxtrace._host import Host
 
-Installer = Callable[["Agent"], Remover]
+Installer = Callable[["Host"], Remover]
 
 INSTALLERS: Final[tuple[tuple[str, Installer], ...]] = (
     ("threads", threads.install),
@@ -27,21 +27,21 @@ INSTALLERS: Final[tuple[tuple[str, Installer], ...]] = (
 )
 
 
-def install_all(agent: Agent) -> list[Remover]:
+def install_all(host: Host) -> list[Remover]:
     """Hook every integration; a failing one is counted and left out."""
     removers: list[Remover] = []
     for name, install in INSTALLERS:
         try:
-            removers.append(install(agent))
+            removers.append(install(host))
         except Exception as exc:
-            agent.errors.record(f"integration.{name}", exc)
+            host.errors.record(f"integration.{name}", exc)
     return removers
 
 
-def uninstall_all(agent: Agent, removers: Sequence[Remover]) -> None:
+def uninstall_all(host: Host, removers: Sequence[Remover]) -> None:
     """Unhook in reverse order; a failure is counted and the others still run."""
     for remove in reversed(removers):
         try:
             remove()
         except Exception as exc:
-            agent.errors.record("integrations", exc)
+            host.errors.record("integrations", exc)

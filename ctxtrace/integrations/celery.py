@@ -7,7 +7,7 @@ the unit and stays silent, a task that reads ``current_app`` without one is
 reported with the task's name, and a context a task leaves pushed is leaked at
 its end (and, on the pool process's next task, stale).
 
-Pool processes end with ``os._exit`` (no atexit handlers): the agent's
+Pool processes end with ``os._exit`` (no atexit handlers): the host's
 emitters are flushed on ``worker_process_shutdown`` and ``worker_shutdown``.
 """
 
@@ -19,28 +19,27 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
-from ctxtrace import _agent
-from ctxtrace.integrations.kit import FLUSH_TIMEOUT_S, on_import, set_role
+from ctxtrace.integrations.kit import FLUSH_TIMEOUT_S, on_import
 
 if TYPE_CHECKING:
-    from ctxtrace._agent import Agent, UnitHandle
+    from ctxtrace._host import Host, UnitHandle
 
 #: Tasks between prerun and postrun in this process; more means postrun was
 #: lost (a crashed pool process), and the oldest are forgotten.
 _MAX_RUNNING: Final = 4096
 
 
-def install(agent: Agent) -> Callable[[], None]:
+def install(host: Host) -> Callable[[], None]:
     return on_import(
         "celery.signals",
-        lambda signals: _Receivers(agent, signals).connect(),
-        lambda exc: agent.errors.record("integration.celery", exc),
+        lambda signals: _Receivers(host, signals).connect(),
+        lambda exc: host.errors.record("integration.celery", exc),
     )
 
 
 class _Receivers:
-    def __init__(self, agent: Agent, signals: ModuleType) -> None:
-        self.agent = agent
+    def __init__(self, host: Host, signals: ModuleType) -> None:
+        self.host = host
         self.signals = signals
         self.running: OrderedDict[tuple[int, str], UnitHandle] = OrderedDict()
         self.lock = threading.Lock()
@@ -73,40 +72,40 @@ class _Receivers:
     # Receivers run inside Celery's tracer: each one swallows its own errors.
 
     def prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
-        agent = self.agent
-        if _agent.current() is not agent:
+        host = self.host
+        if not host.running:
             return
         try:
             request = getattr(task, "request", None)
             if not getattr(request, "is_eager", False):
-                set_role(agent, "celery")
+                host.set_role("celery")
             name = str(getattr(task, "name", None) or "?")
-            handle = agent.begin_unit("task", name)
+            handle = host.begin_unit("task", name)
             with self.lock:
                 self.running[(threading.get_ident(), str(task_id))] = handle
                 while len(self.running) > _MAX_RUNNING:
                     self.running.popitem(last=False)
         except Exception as exc:
-            agent.errors.record("celery", exc)
+            host.errors.record("celery", exc)
 
     def postrun(self, task_id: str | None = None, **_: Any) -> None:
-        agent = self.agent
+        host = self.host
         try:
             with self.lock:
                 handle = self.running.pop((threading.get_ident(), str(task_id)), None)
-            if handle is not None and _agent.current() is agent:
-                agent.end_unit(handle)
+            if handle is not None and host.running:
+                host.end_unit(handle)
         except Exception as exc:
-            agent.errors.record("celery", exc)
+            host.errors.record("celery", exc)
 
     def worker(self, **_: Any) -> None:
         try:
-            set_role(self.agent, "celery")
+            self.host.set_role("celery")
         except Exception as exc:
-            self.agent.errors.record("celery", exc)
+            self.host.errors.record("celery", exc)
 
     def flush(self, **_: Any) -> None:
         try:
-            self.agent.flush(FLUSH_TIMEOUT_S)
+            self.host.flush(FLUSH_TIMEOUT_S)
         except Exception as exc:
-            self.agent.errors.record("celery", exc)
+            self.host.errors.record("celery", exc)

@@ -15,36 +15,35 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ctxtrace import _agent, _worker
+from ctxtrace import _worker
 from ctxtrace.core.patching import put_wrapper
-from ctxtrace.integrations.kit import set_role
 
 if TYPE_CHECKING:
-    from ctxtrace._agent import Agent, UnitHandle
+    from ctxtrace._host import Host, UnitHandle
 
 
-def install(agent: Agent) -> Callable[[], None]:
+def install(host: Host) -> Callable[[], None]:
     original = vars(click.Command)["invoke"]
 
     def invoke(self: click.Command, ctx: click.Context) -> Any:
-        if _agent.current() is agent:
+        if host.running:
             try:
-                _begin(agent, self, ctx)
+                _begin(host, self, ctx)
             except Exception as exc:
-                agent.errors.record("click", exc)
+                host.errors.record("click", exc)
         return original(self, ctx)
 
     return put_wrapper(click.Command, "invoke", invoke, original)
 
 
-def _begin(agent: Agent, command: click.Command, ctx: click.Context) -> None:
+def _begin(host: Host, command: click.Command, ctx: click.Context) -> None:
     if ctx.parent is None and _worker.role() == "process" and _is_the_program(ctx):
-        set_role(agent, "cli")
-    handle = agent.begin_unit("command", command.name or ctx.info_name or "?")
+        host.set_role("cli")
+    handle = host.begin_unit("command", command.name or ctx.info_name or "?")
     try:
-        ctx.call_on_close(lambda: _end(agent, handle))
+        ctx.call_on_close(lambda: _end(host, handle))
     except Exception:
-        _end(agent, handle)
+        _end(host, handle)
         raise
 
 
@@ -63,9 +62,9 @@ def _is_the_program(ctx: click.Context) -> bool:
         return False
 
 
-def _end(agent: Agent, handle: UnitHandle) -> None:
+def _end(host: Host, handle: UnitHandle) -> None:
     try:
-        if _agent.current() is agent:
-            agent.end_unit(handle)
+        if host.running:
+            host.end_unit(handle)
     except Exception as exc:
-        agent.errors.record("click", exc)
+        host.errors.record("click", exc)

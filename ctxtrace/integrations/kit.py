@@ -16,23 +16,14 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
-from ctxtrace import _worker
-
 if TYPE_CHECKING:
-    from ctxtrace._agent import Agent
+    pass
 
 Remover = Callable[[], None]
 
 #: How long a unit end may wait for the emitters to hand over what they buffer
 #: (RQ work-horses and Celery pool processes, which exit without running atexit).
 FLUSH_TIMEOUT_S: Final = 5.0
-
-
-def set_role(agent: Agent, role: str) -> None:
-    """Say what this process is, and refresh the agent's ``worker`` label with it."""
-    if _worker.role() != role:
-        _worker.set_role(role)
-        agent.worker = _worker.worker_id()
 
 
 # -- waiting for a module to be imported --------------------------------------

@@ -4,7 +4,7 @@ The unit wraps ``perform_job``: the job itself and RQ's handling of its result
 (success and failure callbacks included), in whichever process performs it.
 RQ's default worker forks a work-horse per job and the horse leaves with
 ``os._exit``: no atexit handler runs, and whatever an emitter still buffers is
-lost. So in a horse the agent's emitters are flushed when the unit ends, before
+lost. So in a horse the host's emitters are flushed when the unit ends, before
 RQ lets the horse exit.
 """
 
@@ -14,19 +14,18 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ctxtrace import _agent
 from ctxtrace.core.patching import put_wrapper
-from ctxtrace.integrations.kit import FLUSH_TIMEOUT_S, on_import, set_role
+from ctxtrace.integrations.kit import FLUSH_TIMEOUT_S, on_import
 
 if TYPE_CHECKING:
-    from ctxtrace._agent import Agent
+    from ctxtrace._host import Host
 
 
-def install(agent: Agent) -> Callable[[], None]:
+def install(host: Host) -> Callable[[], None]:
     return on_import(
         "rq",
-        lambda rq: _patch(agent, rq),
-        lambda exc: agent.errors.record("integration.rq", exc),
+        lambda rq: _patch(host, rq),
+        lambda exc: host.errors.record("integration.rq", exc),
     )
 
 
@@ -39,29 +38,29 @@ def _worker_class(rq: ModuleType) -> type[Any]:
     raise LookupError("rq.Worker has no perform_job")
 
 
-def _patch(agent: Agent, rq: ModuleType) -> Callable[[], None]:
+def _patch(host: Host, rq: ModuleType) -> Callable[[], None]:
     cls = _worker_class(rq)
     original = vars(cls)["perform_job"]
 
     def perform_job(self: Any, job: Any, queue: Any, *args: Any, **kwargs: Any) -> Any:
-        if _agent.current() is not agent:
+        if not host.running:
             return original(self, job, queue, *args, **kwargs)
         try:
-            set_role(agent, "rq")
-            handle = agent.begin_unit("job", _job_name(job))
+            host.set_role("rq")
+            handle = host.begin_unit("job", _job_name(job))
         except Exception as exc:
-            agent.errors.record("rq", exc)
+            host.errors.record("rq", exc)
             return original(self, job, queue, *args, **kwargs)
         try:
             return original(self, job, queue, *args, **kwargs)
         finally:
             try:
-                if _agent.current() is agent:
-                    agent.end_unit(handle)
+                if host.running:
+                    host.end_unit(handle)
                     if getattr(self, "_is_horse", False):
-                        agent.flush(FLUSH_TIMEOUT_S)
+                        host.flush(FLUSH_TIMEOUT_S)
             except Exception as exc:
-                agent.errors.record("rq", exc)
+                host.errors.record("rq", exc)
 
     return put_wrapper(cls, "perform_job", perform_job, original)
 

@@ -16,64 +16,62 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from ctxtrace import _agent
 from ctxtrace.core import units
 from ctxtrace.core.patching import put_wrapper
 
 if TYPE_CHECKING:
-    from ctxtrace._agent import Agent
     from ctxtrace._events import Unit
+    from ctxtrace._host import Host
 
 #: ctxtrace's own threads (watchdog, exporters) are not units of the application.
 _OWN_PREFIX: Final = "ctxtrace-"
 
 
-def install(agent: Agent) -> Callable[[], None]:
+def install(host: Host) -> Callable[[], None]:
     # Looked up through the class, not its ``__dict__``: gevent's monkey-patched
     # ``Thread`` inherits ``start``. The patch goes on ``threading.Thread`` itself
     # and ``revert`` removes it again, leaving the inherited one.
     original = threading.Thread.start
 
     def start(self: threading.Thread) -> None:
-        if _agent.current() is agent:
+        if host.running:
             try:
-                _wrap_run(agent, self)
+                _wrap_run(host, self)
             except Exception as exc:
-                agent.errors.record("threads", exc)
+                host.errors.record("threads", exc)
         return original(self)
 
     return put_wrapper(threading.Thread, "start", start, original)
 
 
-def _wrap_run(agent: Agent, thread: threading.Thread) -> None:
+def _wrap_run(host: Host, thread: threading.Thread) -> None:
     if (
         thread.ident is not None  # started already: ``start`` is about to refuse
         or thread.name.startswith(_OWN_PREFIX)
         or isinstance(vars(thread).get("run"), _UnitRun)
     ):
         return
-    unit = agent.ledger.current_unit()
-    parent: Unit | None = unit.info() if unit is not None else None
+    parent = host.current_unit()
     # Bound now, in the starting thread: the instance attribute set below must
     # not find itself when the new thread looks up ``run``.
-    thread.run = _UnitRun(agent, thread, thread.run, parent)  # type: ignore[method-assign]
+    thread.run = _UnitRun(host, thread, thread.run, parent)  # type: ignore[method-assign]
 
 
 class _UnitRun:
     """The thread's ``run``, inside a unit named after the thread."""
 
-    __slots__ = ("agent", "parent", "run", "thread")
+    __slots__ = ("host", "parent", "run", "thread")
 
     def __init__(
-        self, agent: Agent, thread: threading.Thread, run: Callable[[], Any], parent: Unit | None
+        self, host: Host, thread: threading.Thread, run: Callable[[], Any], parent: Unit | None
     ) -> None:
-        self.agent = agent
+        self.host = host
         self.thread = thread
         self.run = run
         self.parent = parent
 
     def __call__(self) -> None:
-        agent = self.agent
+        host = self.host
         run = self.run
         try:
             # The instance attribute holds the thread, its target and arguments:
@@ -81,15 +79,15 @@ class _UnitRun:
             if vars(self.thread).get("run") is self:
                 del self.thread.run
         except Exception as exc:
-            agent.errors.record("threads", exc)
-        if _agent.current() is not agent:
+            host.errors.record("threads", exc)
+        if not host.running:
             run()
             return
         try:
-            handle = agent.begin_unit("thread", self.thread.name)
+            handle = host.begin_unit("thread", self.thread.name)
             units.started_by.enter(self.parent)
         except Exception as exc:
-            agent.errors.record("threads", exc)
+            host.errors.record("threads", exc)
             run()
             return
         try:
@@ -99,7 +97,7 @@ class _UnitRun:
                 units.started_by.leave()
                 # Still the running agent: one that was stopped meanwhile has
                 # stopped watching, and its ledger would report stale news.
-                if _agent.current() is agent:
-                    agent.end_unit(handle)
+                if host.running:
+                    host.end_unit(handle)
             except Exception as exc:
-                agent.errors.record("threads", exc)
+                host.errors.record("threads", exc)

@@ -33,6 +33,7 @@ from ctxtrace._events import (
     Event,
     OutOfContextAccess,
 )
+from ctxtrace.core.counters import read_count
 
 LOGGER_NAME: Final = "ctxtrace"
 _ERROR_ANOMALIES: Final = frozenset(
@@ -252,7 +253,7 @@ class LogEmitter:
 
     @property
     def dropped(self) -> int:
-        return int(repr(self._limiter.dropped)[6:-1])
+        return read_count(self._limiter.dropped)
 
     def _logger(self) -> Any:
         return structlog.get_logger(LOGGER_NAME) if structlog.is_configured() else self._private

@@ -36,11 +36,12 @@ from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
 from ctxtrace._events import ANOMALIES, PROXIES, Anomaly, Event, OutOfContextAccess
 from ctxtrace._version import VERSION
+from ctxtrace.core.counters import read_count
 from ctxtrace.core.guard import run_within
 from ctxtrace.telemetry import providers
 
 if TYPE_CHECKING:
-    from ctxtrace._agent import Agent
+    from ctxtrace._host import Host
     from ctxtrace.telemetry.sdk_providers import PrivateMetrics
 
 #: Histogram bucket boundaries, in seconds: 100 us to 60 s.
@@ -67,11 +68,6 @@ _MAX_APPS: Final = 64
 _OTHER: Final = "other"
 
 
-def _read(counter: itertools.count[int]) -> int:
-    """The value of an ``itertools.count`` without advancing it (see the ledger)."""
-    return int(repr(counter)[6:-1])
-
-
 class ExactCounts:
     """Counters keyed by label values; ``add`` is lock-free after a key's first use.
 
@@ -91,14 +87,14 @@ class ExactCounts:
         next(counter)
 
     def items(self) -> list[tuple[tuple[str, ...], int]]:
-        return [(key, _read(c)) for key, c in list(self._counts.items())]
+        return [(key, read_count(c)) for key, c in list(self._counts.items())]
 
 
 class DurationFeed:
     """Moves lifetimes from the ledger's buffer into the histogram, within a CPU budget."""
 
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
+    def __init__(self, host: Host) -> None:
+        self._host = host
         self._lock = threading.RLock()
         self.histogram: Histogram | None = None
         self._attrs: dict[tuple[str, str], dict[str, str]] = {}
@@ -117,7 +113,7 @@ class DurationFeed:
         # The drain thread may have held the lock when the parent forked.
         self._lock = threading.RLock()
         with self._lock:
-            for _ in self._agent.ledger.drain_durations():
+            for _ in self._host.drain_durations():
                 pass
             self._attrs.clear()
             self._taken.clear()
@@ -136,7 +132,7 @@ class DurationFeed:
         attrs = self._attrs.get(key)
         if attrs is None:
             attrs = self._attrs[key] = {
-                "kind": key[0], "app": key[1], "worker": self._agent.worker,
+                "kind": key[0], "app": key[1], "worker": self._host.worker,
             }
         return attrs
 
@@ -161,7 +157,7 @@ class DurationFeed:
             key: tuple[str, str] | None = None
             attrs: dict[str, str] = {}
             for kind, app, value in itertools.islice(
-                self._agent.ledger.drain_durations(), MAX_TAKE
+                self._host.drain_durations(), MAX_TAKE
             ):
                 if key is None or kind is not key[0] or app is not key[1]:
                     if key is not None:
@@ -207,13 +203,13 @@ class MetricsEmitter:
 
     name: Final = "metrics"
 
-    def __init__(self, agent: Agent, dropped_spans: Callable[[], int] = lambda: 0) -> None:
-        self._agent = agent
+    def __init__(self, host: Host, dropped_spans: Callable[[], int] = lambda: 0) -> None:
+        self._host = host
         self._dropped_spans = dropped_spans
         self.anomalies = ExactCounts()
         self.accesses = ExactCounts()
         self._apps: set[str] = set()
-        self.feed = DurationFeed(agent)
+        self.feed = DurationFeed(host)
         self.private: PrivateMetrics | None = None
         self.meter_provider: Any = None
         self._stop = threading.Event()
@@ -246,16 +242,16 @@ class MetricsEmitter:
         try:
             self._choose_meter()
         except Exception as exc:
-            self._agent.errors.record(self.name, exc)
+            self._host.errors.record(self.name, exc)
         self._start_thread()
 
     def _choose_meter(self) -> None:
         """The global MeterProvider if there is one, else a private one (or none)."""
         provider = providers.global_meter_provider()
         if provider is None:
-            agent = self._agent
+            host = self._host
             self.private = providers.build_metrics(
-                agent.worker, agent.config, providers.environ(), agent.errors.record
+                host.worker, host.config, providers.environ(), host.errors.record
             )
             provider = self.private.provider if self.private is not None else None
         self._use(provider)
@@ -298,7 +294,7 @@ class MetricsEmitter:
             if private is not None or self.meter_provider is None:
                 self._adopt_late_global()
         except Exception as exc:
-            self._agent.errors.record(self.name, exc)
+            self._host.errors.record(self.name, exc)
 
     def _adopt_late_global(self) -> None:
         """An app that configures OpenTelemetry after ctxtrace started gets our metrics too."""
@@ -311,7 +307,7 @@ class MetricsEmitter:
             private.shutdown(2.0)
 
     def _pops(self) -> dict[tuple[str, str], int]:
-        return {(s.kind, s.app): s.pops for s in self._agent.ledger.snapshot()}
+        return {(s.kind, s.app): s.pops for s in self._host.snapshot()}
 
     def stop(self, timeout_s: float) -> None:
         """Record what waits and hand the last numbers over, then let go of the meter.
@@ -354,21 +350,20 @@ class MetricsEmitter:
             millis = max(timeout_s, 0.001) * 1000
             run_within(
                 timeout_s, lambda: provider.force_flush(timeout_millis=millis), self.name,
-                self._agent.errors.record,
+                self._host.errors.record,
             )
 
     def after_fork(self) -> None:
         """A forked child: its own identity, counts from zero, its own endpoint and thread."""
         global _bindings_lock
         _bindings_lock = threading.Lock()  # may have been held by another thread at fork
-        snapshot = self._agent.ledger.snapshot()
+        snapshot = self._host.snapshot()
         self._base = {
             "pushes": {(s.kind, s.app): s.pushes for s in snapshot},
-            "errors": self._agent.errors.counts(),
-            "context": _read(self._agent.ledger.dropped_contexts),
-            "log": self._log_dropped(),
+            "errors": self._host.errors.counts(),
+            **self._host.dropped(),
         }
-        self._agent.ledger.take_depth_max()
+        self._host.take_depth_max()
         self.anomalies = ExactCounts()
         self.accesses = ExactCounts()
         self.feed.rebase({(s.kind, s.app): s.pops for s in snapshot})
@@ -395,12 +390,6 @@ class MetricsEmitter:
 
     # -- reading, at collection ---------------------------------------------
 
-    def _log_dropped(self) -> int:
-        for emitter in self._agent.emitters:
-            if emitter.name == "logs":
-                return int(getattr(emitter, "dropped", 0))
-        return 0
-
     def observe_contexts(self, options: CallbackOptions) -> Iterable[Observation]:
         """``ctxtrace_contexts_total``; the first callback, so it drains the histogram first:
         what a reader exports accounts for every lifetime finished before it collected
@@ -408,31 +397,31 @@ class MetricsEmitter:
         try:
             self.feed.drain()
         except Exception as exc:
-            self._agent.errors.record(self.name, exc)
-        worker = self._agent.worker
+            self._host.errors.record(self.name, exc)
+        worker = self._host.worker
         base = self._base["pushes"]
         return [
             Observation(
                 s.pushes - base.get((s.kind, s.app), 0),
                 {"kind": s.kind, "app": s.app, "worker": worker},
             )
-            for s in self._agent.ledger.snapshot()
+            for s in self._host.snapshot()
         ]
 
     def observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
-        worker = self._agent.worker
+        worker = self._host.worker
         return [
             Observation(s.active, {"kind": s.kind, "app": s.app, "worker": worker})
-            for s in self._agent.ledger.snapshot()
+            for s in self._host.snapshot()
         ]
 
     def observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._agent.ledger.take_depth_max(), {"worker": self._agent.worker})]
+        return [Observation(self._host.take_depth_max(), {"worker": self._host.worker})]
 
     def observe_anomalies(self, options: CallbackOptions) -> Iterable[Observation]:
-        worker = self._agent.worker
+        worker = self._host.worker
         counts: dict[tuple[str, ...], int] = {
-            (name, s.kind, s.app): 0 for s in self._agent.ledger.snapshot() for name in ANOMALIES
+            (name, s.kind, s.app): 0 for s in self._host.snapshot() for name in ANOMALIES
         }
         counts.update(self.anomalies.items())
         return [
@@ -441,7 +430,7 @@ class MetricsEmitter:
         ]
 
     def observe_accesses(self, options: CallbackOptions) -> Iterable[Observation]:
-        worker = self._agent.worker
+        worker = self._host.worker
         counts: dict[tuple[str, ...], int] = {(p, ph): 0 for p in PROXIES for ph in PHASES}
         counts.update(self.accesses.items())
         return [
@@ -450,24 +439,25 @@ class MetricsEmitter:
         ]
 
     def observe_errors(self, options: CallbackOptions) -> Iterable[Observation]:
-        worker = self._agent.worker
+        worker = self._host.worker
         base = self._base["errors"]
         return [
             Observation(n - base.get(component, 0), {"component": component, "worker": worker})
-            for component, n in self._agent.errors.counts().items()
+            for component, n in self._host.errors.counts().items()
         ]
 
     def dropped(self) -> dict[str, int]:
         """What each bound turned away in this process, by ``what`` (always all four)."""
+        counted = self._host.dropped()
         return {
-            "context": _read(self._agent.ledger.dropped_contexts) - self._base["context"],
-            "log": self._log_dropped() - self._base["log"],
+            "context": counted["context"] - self._base["context"],
+            "log": counted["log"] - self._base["log"],
             "duration": self.feed.dropped,
             "span": self._dropped_spans(),
         }
 
     def observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
-        worker = self._agent.worker
+        worker = self._host.worker
         return [
             Observation(n, {"what": what, "worker": worker}) for what, n in self.dropped().items()
         ]

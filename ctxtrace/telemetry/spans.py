@@ -39,11 +39,12 @@ from ctxtrace._events import (
     OutOfContextAccess,
 )
 from ctxtrace._version import VERSION
+from ctxtrace.core.counters import read_count
 from ctxtrace.core.guard import run_within
 from ctxtrace.telemetry import providers, tracecarry
 
 if TYPE_CHECKING:
-    from ctxtrace._agent import Agent
+    from ctxtrace._host import Host
     from ctxtrace.telemetry.sdk_providers import PrivateTracing
 
 SPAN_NAMES: Final = {"app": "flask.app_context", "request": "flask.request_context"}
@@ -92,8 +93,8 @@ class SpanEmitter:
 
     name: Final = "spans"
 
-    def __init__(self, agent: Agent, mode: str) -> None:
-        self._agent = agent
+    def __init__(self, host: Host, mode: str) -> None:
+        self._host = host
         self._all = mode == "all"
         self._offset = time.time_ns() - time.monotonic_ns()
         self._tracer: trace.Tracer | None = None
@@ -112,7 +113,7 @@ class SpanEmitter:
 
     @property
     def dropped(self) -> int:
-        return int(repr(self.dropped_counter)[6:-1])
+        return read_count(self.dropped_counter)
 
     # -- providers ----------------------------------------------------------
 
@@ -120,15 +121,15 @@ class SpanEmitter:
         try:
             self._choose_tracer()
         except Exception as exc:
-            self._agent.errors.record(self.name, exc)
+            self._host.errors.record(self.name, exc)
 
     def _choose_tracer(self) -> None:
         """The global TracerProvider if set, else a private one if an exporter is named."""
         provider = providers.global_tracer_provider()
         if provider is None:
-            agent = self._agent
+            host = self._host
             self.private = providers.build_tracing(
-                agent.worker, providers.environ(), agent.errors.record
+                host.worker, providers.environ(), host.errors.record
             )
             provider = self.private.provider if self.private is not None else None
         self._provider = provider
@@ -167,7 +168,7 @@ class SpanEmitter:
             millis = int(max(timeout_s, 0.001) * 1000)
             run_within(
                 timeout_s, lambda: provider.force_flush(millis), self.name,
-                self._agent.errors.record,
+                self._host.errors.record,
             )
 
     def stop(self, timeout_s: float) -> None:
@@ -208,7 +209,7 @@ class SpanEmitter:
             inherited.shutdown()
             self._choose_tracer()
         except Exception as exc:
-            self._agent.errors.record(self.name, exc)
+            self._host.errors.record(self.name, exc)
 
     # -- events ---------------------------------------------------------------
 
@@ -332,7 +333,7 @@ class SpanEmitter:
             "flask.context.kind": info.kind,
             "ctxtrace.context.id": info.id,
             "ctxtrace.context.depth": info.depth,
-            "ctxtrace.worker.id": self._agent.worker,
+            "ctxtrace.worker.id": self._host.worker,
             "ctxtrace.outcome": outcome,
             "thread.id": info.thread_id,
             "thread.name": info.thread_name,
@@ -380,7 +381,7 @@ class SpanEmitter:
             "exception.stacktrace": _exception_stacktrace(event),
             "ctxtrace.proxy": event.proxy,
             "ctxtrace.phase": event.phase,
-            "ctxtrace.worker.id": self._agent.worker,
+            "ctxtrace.worker.id": self._host.worker,
             "thread.name": event.thread_name,
         }
         site = event.site

@@ -1,6 +1,6 @@
-"""Wiring the telemetry emitters (metrics, spans) into an agent.
+"""Wiring the telemetry emitters (metrics, spans) into an host.
 
-The agent asks two things: what the ledger must collect for them (push/pop
+The host asks two things: what the ledger must collect for them (push/pop
 events only for ``CTXTRACE_SPANS=all``; the OpenTelemetry context at each push
 unless spans are off), and the emitters themselves. The metrics emitter always
 exists (it also drains the ledger's duration buffer); the span emitter only
@@ -19,7 +19,7 @@ from ctxtrace.telemetry.metrics import MetricsEmitter
 from ctxtrace.telemetry.spans import SpanEmitter
 
 if TYPE_CHECKING:
-    from ctxtrace._agent import Agent
+    from ctxtrace._host import Host
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +37,9 @@ def ledger_needs(config: Config) -> LedgerNeeds:
     )
 
 
-def emitters(agent: Agent) -> list[Any]:
+def emitters(host: Host) -> list[Any]:
     """The metrics emitter and, unless spans are off, the span emitter."""
-    if agent.config.spans == "off":
-        return [MetricsEmitter(agent)]
-    spans = SpanEmitter(agent, agent.config.spans)
-    return [MetricsEmitter(agent, dropped_spans=lambda: spans.dropped), spans]
+    if host.config.spans == "off":
+        return [MetricsEmitter(host)]
+    spans = SpanEmitter(host, host.config.spans)
+    return [MetricsEmitter(host, dropped_spans=lambda: spans.dropped), spans]
