@@ -24,7 +24,7 @@ from ctxtrace._events import (
     Unit,
 )
 from ctxtrace._extension import CtxTrace
-from ctxtrace.core.handover import ContextExecutor, run_in_app_context
+from ctxtrace._handover import ContextExecutor, run_in_app_context
 
 __all__ = [
     "ANOMALIES",

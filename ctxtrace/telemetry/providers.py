@@ -135,6 +135,9 @@ def environ() -> Mapping[str, str]:
 
 
 # -- building private providers (the SDK is imported only when one is built) ------
+# A deliberate lazy cycle: ``sdk_providers`` reads this module's exporter names,
+# and this module imports it only inside the two builders below, so an app with
+# providers of its own (or none wanted) never loads the SDK's exporters.
 
 
 def build_tracing(
