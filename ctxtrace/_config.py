@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
+from ctxtrace._events import ANOMALY_KINDS
+
 PREFIX: Final = "CTXTRACE_"
 
 
@@ -148,19 +150,12 @@ class Option:
         return PREFIX + self.name.upper()
 
 
-def _detector(name: str, doc: str) -> Option:
-    return Option(f"detect_{name}", _bool, True, "true or false", doc)
-
-
 OPTIONS: Final[tuple[Option, ...]] = (
     Option("enabled", _bool, True, "true or false", "Master switch; false leaves Flask untouched."),
-    _detector("leaked", "Report contexts still pushed when their unit of work ends."),
-    _detector("long_lived", "Report contexts alive longer than the long_lived ages."),
-    _detector("wrong_pop", "Report a pop while another context is on top."),
-    _detector("double_pop", "Report a pop of a context that is not pushed."),
-    _detector("foreign_pop", "Report a pop in another thread or Context than the push."),
-    _detector("stale_context", "Report a unit that starts with an earlier unit's context."),
-    _detector("out_of_context_access", "Report proxy use with no context."),
+    *(
+        Option(f"detect_{kind.name}", _bool, kind.default_on, "true or false", kind.detects)
+        for kind in ANOMALY_KINDS
+    ),
     Option(
         "long_lived_request", _seconds_or_off, 30.0, "seconds > 0 or off",
         "Age at which a request context is long_lived.",
@@ -226,33 +221,38 @@ OPTIONS: Final[tuple[Option, ...]] = (
 _BY_NAME: Final = {o.name: o for o in OPTIONS}
 
 
+def default_of(name: str) -> Any:
+    """An option's default, as ``OPTIONS`` declares it (the one place defaults are written)."""
+    return _BY_NAME[name].default
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """Every option, resolved and validated."""
 
-    enabled: bool = True
-    detect_leaked: bool = True
-    detect_long_lived: bool = True
-    detect_wrong_pop: bool = True
-    detect_double_pop: bool = True
-    detect_foreign_pop: bool = True
-    detect_stale_context: bool = True
-    detect_out_of_context_access: bool = True
-    long_lived_request: float | None = 30.0
-    long_lived_app: float | None = None
-    long_lived_streaming: bool = False
-    ledger_cap: int = 10_000
-    flight_record: int = 8
-    repair: bool = False
-    suppress: tuple[str, ...] = ()
-    sweep_interval: float = 1.0
-    log_lifecycle: bool = False
-    log_rate_window: float | None = 60.0
-    spans: str = "anomalies"
-    metrics: str = "prometheus"
-    prometheus_host: str = "127.0.0.1"
-    prometheus_port: tuple[int, int] = (9464, 9564)
-    prometheus_targets_dir: str = ""
+    enabled: bool = default_of("enabled")
+    detect_leaked: bool = default_of("detect_leaked")
+    detect_long_lived: bool = default_of("detect_long_lived")
+    detect_wrong_pop: bool = default_of("detect_wrong_pop")
+    detect_double_pop: bool = default_of("detect_double_pop")
+    detect_foreign_pop: bool = default_of("detect_foreign_pop")
+    detect_stale_context: bool = default_of("detect_stale_context")
+    detect_out_of_context_access: bool = default_of("detect_out_of_context_access")
+    long_lived_request: float | None = default_of("long_lived_request")
+    long_lived_app: float | None = default_of("long_lived_app")
+    long_lived_streaming: bool = default_of("long_lived_streaming")
+    ledger_cap: int = default_of("ledger_cap")
+    flight_record: int = default_of("flight_record")
+    repair: bool = default_of("repair")
+    suppress: tuple[str, ...] = default_of("suppress")
+    sweep_interval: float = default_of("sweep_interval")
+    log_lifecycle: bool = default_of("log_lifecycle")
+    log_rate_window: float | None = default_of("log_rate_window")
+    spans: str = default_of("spans")
+    metrics: str = default_of("metrics")
+    prometheus_host: str = default_of("prometheus_host")
+    prometheus_port: tuple[int, int] = default_of("prometheus_port")
+    prometheus_targets_dir: str = default_of("prometheus_targets_dir")
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property

@@ -9,7 +9,7 @@ can put every field into telemetry without filtering.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 Kind = Literal["app", "request"]
 AnomalyName = Literal[
@@ -17,14 +17,85 @@ AnomalyName = Literal[
 ]
 Phase = Literal["import", "runtime"]
 
+
+@dataclass(frozen=True, slots=True)
+class AnomalyKind:
+    """One kind of anomaly, declared once: config, logs, the report and the dashboards read it.
+
+    Adding a kind means a detector in the ledger, a row here, its name in
+    ``AnomalyName`` (a type checker needs the literal) and its ``detect_`` field on
+    ``Config``; the tests hold the three in step.
+    """
+
+    name: str
+    #: The log level of its ``ctxtrace.<name>`` line.
+    level: Literal["error", "warning"]
+    #: The ``CTXTRACE_DETECT_<NAME>`` option's sentence in the README.
+    detects: str
+    #: The general fix (the runbook's "Fix" line, shown by ``ctxtrace report``).
+    fix: str
+    #: Its colour in the report's plots, the same in every panel.
+    colour: str
+    #: Whether it is detected unless configured otherwise.
+    default_on: bool = True
+
+
+#: Every anomaly kind, in the order reports list them. Out-of-context access is the
+#: last; it has an event type of its own (``OutOfContextAccess``).
+ANOMALY_KINDS: tuple[AnomalyKind, ...] = (
+    AnomalyKind(
+        "leaked", "error",
+        "Report contexts still pushed when their unit of work ends.",
+        "Push and pop with `with app.app_context():` (never a bare push()); in threads, "
+        "push a fresh context there; in CLI commands, use `with_appcontext`.",
+        "#e45756",
+    ),
+    AnomalyKind(
+        "long_lived", "warning",
+        "Report contexts alive longer than the long_lived ages.",
+        "Move slow work out of the request, put timeouts on downstream calls, and "
+        "push one short context per item in batch jobs.",
+        "#eeca3b",
+    ),
+    AnomalyKind(
+        "wrong_pop", "error",
+        "Report a pop while another context is on top.",
+        "Pair every push with its pop in one `with` block; nested `with` blocks pop "
+        "newest first by construction. `top_site` is usually the culprit.",
+        "#b279a2",
+    ),
+    AnomalyKind(
+        "double_pop", "error",
+        "Report a pop of a context that is not pushed.",
+        "One owner per context: use `with` and delete the manual pops.",
+        "#9d755d",
+    ),
+    AnomalyKind(
+        "foreign_pop", "error",
+        "Report a pop in another thread or Context than the push.",
+        "Never move a context between threads: push a new one where the work runs "
+        "(ctxtrace.run_in_app_context).",
+        "#72b7b2",
+    ),
+    AnomalyKind(
+        "stale_context", "error",
+        "Report a unit that starts with an earlier unit's context.",
+        "Fix the leak at `site` (see leaked); CTXTRACE_REPAIR=true pops leaked "
+        "contexts at the end of their unit meanwhile.",
+        "#f58518",
+    ),
+    AnomalyKind(
+        "out_of_context_access", "warning",
+        "Report proxy use with no context.",
+        "Pass the app or the config explicitly into threads and "
+        "`with app.app_context():` there; no module-level proxy access; `with_appcontext` for "
+        "CLI commands.",
+        "#54a24b",
+    ),
+)
 #: Every anomaly name except out-of-context access, which has its own event type.
-ANOMALIES: tuple[AnomalyName, ...] = (
-    "leaked",
-    "long_lived",
-    "wrong_pop",
-    "double_pop",
-    "foreign_pop",
-    "stale_context",
+ANOMALIES: tuple[AnomalyName, ...] = tuple(
+    cast(AnomalyName, kind.name) for kind in ANOMALY_KINDS if kind.name != "out_of_context_access"
 )
 #: The proxies whose failed lookups are reported.
 PROXIES: tuple[str, ...] = ("current_app", "g", "request", "session", "app_ctx", "request_ctx")

@@ -26,6 +26,8 @@ from grafana_foundation_sdk.models import dashboard as dash_model
 from grafana_foundation_sdk.models import heatmap as heatmap_model
 from grafana_foundation_sdk.models import prometheus as prom_model
 
+from ctxtrace._events import ANOMALIES
+
 OUTPUT = Path(__file__).with_name("flask-contexts.json")
 UID = "ctxtrace-flask-contexts"
 
@@ -39,7 +41,6 @@ DATASOURCE = dash_model.DataSourceRef(type_val="prometheus", uid="${datasource}"
 BY_APP = 'app=~"$app", worker=~"$worker"'
 BY_WORKER = 'worker=~"$worker"'
 
-ANOMALIES = ("leaked", "long_lived", "wrong_pop", "double_pop", "foreign_pop", "stale_context")
 
 
 def query(ref_id: str, expr: str, legend: str = "__auto") -> prometheus.Dataquery:

@@ -38,34 +38,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Final, cast
 
+from ctxtrace._events import ANOMALY_KINDS
+
 COMMAND: Final = "report"
 #: How to get the plots, for the HTML and the terminal.
 INSTALL_HINT: Final = "pip install 'ctxtrace[report]'"
 #: Every anomaly, in the order reports list them.
-ANOMALY_ORDER: Final = (
-    "leaked", "long_lived", "wrong_pop", "double_pop", "foreign_pop", "stale_context",
-    "out_of_context_access",
-)
+ANOMALY_ORDER: Final = tuple(kind.name for kind in ANOMALY_KINDS)
 RUNBOOK: Final = "docs/runbook.md"
 
 #: The general fix for each anomaly (the runbook's "Fix" lines); a caller that knows the
 #: application better (``ctxtrace demo`` knows its seeded faults) can say more.
-FIXES: Final[dict[str, str]] = {
-    "leaked": "Push and pop with `with app.app_context():` (never a bare push()); in threads, "
-    "push a fresh context there; in CLI commands, use `with_appcontext`.",
-    "long_lived": "Move slow work out of the request, put timeouts on downstream calls, and "
-    "push one short context per item in batch jobs.",
-    "wrong_pop": "Pair every push with its pop in one `with` block; nested `with` blocks pop "
-    "newest first by construction. `top_site` is usually the culprit.",
-    "double_pop": "One owner per context: use `with` and delete the manual pops.",
-    "foreign_pop": "Never move a context between threads: push a new one where the work runs "
-    "(ctxtrace.run_in_app_context).",
-    "stale_context": "Fix the leak at `site` (see leaked); CTXTRACE_REPAIR=true pops leaked "
-    "contexts at the end of their unit meanwhile.",
-    "out_of_context_access": "Pass the app or the config explicitly into threads and "
-    "`with app.app_context():` there; no module-level proxy access; `with_appcontext` for CLI "
-    "commands.",
-}
+FIXES: Final[dict[str, str]] = {kind.name: kind.fix for kind in ANOMALY_KINDS}
 
 _EVENT_PREFIX: Final = "ctxtrace."
 
@@ -598,11 +582,7 @@ def render_text(report: Report, explainer: Explain | None = None, width: int = 1
 
 
 #: One colour per anomaly, the same in every panel.
-PALETTE: Final = {
-    "leaked": "#e45756", "long_lived": "#eeca3b", "wrong_pop": "#b279a2",
-    "double_pop": "#9d755d", "foreign_pop": "#72b7b2", "stale_context": "#f58518",
-    "out_of_context_access": "#54a24b",
-}
+PALETTE: Final = {kind.name: kind.colour for kind in ANOMALY_KINDS}
 
 
 def figure_png(report: Report, dpi: int = 110) -> bytes | None:

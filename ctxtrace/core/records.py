@@ -14,7 +14,8 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from ctxtrace._events import ANOMALIES, ContextInfo, Kind, Unit
+from ctxtrace._config import default_of
+from ctxtrace._events import ANOMALY_KINDS, ContextInfo, Kind, Unit
 from ctxtrace.core.names import safe_name
 
 
@@ -227,10 +228,10 @@ class StatsSnapshot:
 class LedgerPolicy:
     """What the ledger looks for; built from the configuration."""
 
-    cap: int = 10_000
-    flight: int = 8
-    long_lived_request_s: float | None = 30.0
-    long_lived_app_s: float | None = None
-    long_lived_streaming: bool = False
-    detect: frozenset[str] = frozenset((*ANOMALIES, "out_of_context_access"))
+    cap: int = default_of("ledger_cap")
+    flight: int = default_of("flight_record")
+    long_lived_request_s: float | None = default_of("long_lived_request")
+    long_lived_app_s: float | None = default_of("long_lived_app")
+    long_lived_streaming: bool = default_of("long_lived_streaming")
+    detect: frozenset[str] = frozenset(k.name for k in ANOMALY_KINDS if k.default_on)
     duration_buffer: int = 65_536

@@ -26,6 +26,7 @@ from typing import Any, Final, TextIO
 import structlog
 
 from ctxtrace._events import (
+    ANOMALY_KINDS,
     Anomaly,
     ContextInfo,
     ContextPopped,
@@ -36,9 +37,7 @@ from ctxtrace._events import (
 from ctxtrace.core.counters import read_count
 
 LOGGER_NAME: Final = "ctxtrace"
-_ERROR_ANOMALIES: Final = frozenset(
-    ("leaked", "wrong_pop", "double_pop", "foreign_pop", "stale_context")
-)
+_ERROR_ANOMALIES: Final = frozenset(k.name for k in ANOMALY_KINDS if k.level == "error")
 _MAX_KEYS: Final = 10_000
 
 

@@ -6,15 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-ANOMALIES = (
-    "leaked",
-    "long_lived",
-    "wrong_pop",
-    "double_pop",
-    "foreign_pop",
-    "stale_context",
-    "out_of_context_access",
-)
+from ctxtrace._events import ANOMALY_KINDS
+
+ANOMALIES = tuple(kind.name for kind in ANOMALY_KINDS)
 
 
 def anchors(markdown: str) -> set[str]:
