@@ -10,9 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Final
-
-ROLES: Final = ("gunicorn", "celery", "rq", "cli", "process")
 
 _role: str | None = None
 

@@ -61,13 +61,6 @@ class FlaskShape:
             return request_var
         return flask.globals._cv_app
 
-    def implicit_app_context(self, request_ctx: Any) -> Any:
-        """The app context a request context pushed for itself on its last push."""
-        if self.merged:
-            return None
-        tokens = request_ctx._cv_tokens
-        return tokens[-1][1] if tokens else None
-
 
 def detect() -> FlaskShape:
     """Read the shape of the installed Flask."""

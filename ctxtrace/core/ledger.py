@@ -396,9 +396,7 @@ class Ledger:
         if node is None or top is None:
             # Pushed in another thread or Context: Flask cannot restore that
             # stack from here, so the context stays where it was pushed.
-            if not flags & REPORTED:
-                entry[FLAGS] |= REPORTED
-                self._report("foreign_pop", entry, thread)
+            self._report_once("foreign_pop", entry, thread)
             return
         culprit = top[0]
         if not self._follows_earlier_mistake(entry, culprit):
@@ -430,9 +428,8 @@ class Ledger:
         Freed while still pushed is a leak the sweep has not seen yet: report it now.
         """
         self._forget(entry)
-        if entry[REF]() is None and entry[COUNT] > 0 and not entry[FLAGS] & REPORTED:
-            entry[FLAGS] |= REPORTED
-            self._report("leaked", entry, None, reason="collected")
+        if entry[REF]() is None and entry[COUNT] > 0:
+            self._report_once("leaked", entry, None, reason="collected")
 
     def _lookup(self, ctx: object) -> Entry | None:
         entry = self._live.get(id(ctx))
@@ -653,9 +650,7 @@ class Ledger:
             return
         if thread.flight is not None:
             thread.flight.append(("pop", entry))
-        if not entry[FLAGS] & REPORTED:
-            entry[FLAGS] |= REPORTED
-            self._report("foreign_pop", entry, thread)
+        self._report_once("foreign_pop", entry, thread)
 
     def _live_dispatch_entries(self, unit: UnitState) -> list[Entry]:
         """The records of a running request's own contexts that are still pushed."""
@@ -803,11 +798,9 @@ class Ledger:
             collected = entry[REF]() is None
             if collected or not entry[THREAD].alive():
                 self._forget(entry)
-                if not entry[FLAGS] & REPORTED:
-                    entry[FLAGS] |= REPORTED
-                    self._report(
-                        "leaked", entry, None, reason="collected" if collected else "thread_end"
-                    )
+                self._report_once(
+                    "leaked", entry, None, reason="collected" if collected else "thread_end"
+                )
                 continue
             self._check_age(entry, now)
         for unit in list(self._inflight):
@@ -832,9 +825,7 @@ class Ledger:
         if not unit.thread.alive():
             self._inflight.discard(unit)
             for entry in self._live_dispatch_entries(unit):
-                if not entry[FLAGS] & REPORTED:
-                    entry[FLAGS] |= REPORTED
-                    self._report("leaked", entry, None, reason="thread_end")
+                self._report_once("leaked", entry, None, reason="thread_end")
             return
         policy = self.policy
         limits = [policy.long_lived_request_s, policy.long_lived_app_s]
@@ -847,16 +838,12 @@ class Ledger:
         """At process exit, whatever is still pushed has leaked."""
         for entry in list(self._live.values()):
             self._forget(entry)
-            if not entry[FLAGS] & REPORTED:
-                entry[FLAGS] |= REPORTED
-                self._report("leaked", entry, None, reason="exit")
+            self._report_once("leaked", entry, None, reason="exit")
         for unit in list(self._inflight):
             self._inflight.discard(unit)
             if unit.dispatch_live():
                 for entry in self._live_dispatch_entries(unit):
-                    if not entry[FLAGS] & REPORTED:
-                        entry[FLAGS] |= REPORTED
-                        self._report("leaked", entry, None, reason="exit")
+                    self._report_once("leaked", entry, None, reason="exit")
 
     def forget_all(self) -> None:
         """Drop every record (after fork: the parent's contexts are not ours)."""
@@ -896,6 +883,20 @@ class Ledger:
         )
 
     # -- reporting --------------------------------------------------------
+
+    def _report_once(
+        self,
+        name: AnomalyName,
+        entry: Entry,
+        thread: ThreadState | None,
+        *,
+        reason: str = "",
+    ) -> None:
+        """Report ``name`` about ``entry`` unless an anomaly named that context already:
+        what follows from one mistake is reported once."""
+        if not entry[FLAGS] & REPORTED:
+            entry[FLAGS] |= REPORTED
+            self._report(name, entry, thread, reason=reason)
 
     def _report(
         self,

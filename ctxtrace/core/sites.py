@@ -48,7 +48,6 @@ _USER_DIRS: Final = (os.path.join(_LIBRARY_DIRS[-1], "example") + os.sep,)
 # id(code) -> (code, class, {f_lasti: (USER, site)} for user code).
 _Known = tuple[CodeType, int, dict[int, tuple[int, Site]] | None]
 _codes: dict[int, _Known] = {}
-_endpoint_sites: dict[str, Site] = {}
 _MAX_CACHED: Final = 4096
 _MAX_LINES: Final = 256
 _lock = threading.Lock()
@@ -78,11 +77,6 @@ def _classify(code: CodeType) -> _Known:
     return known
 
 
-def site_of(frame: FrameType) -> Site:
-    """The (cached) site for the line a frame is executing."""
-    return _user_site(frame, _codes.get(id(frame.f_code)) or _classify(frame.f_code))[1]
-
-
 def _user_site(frame: FrameType, known: _Known) -> tuple[int, Site]:
     """``(USER, site)`` for a frame of user code, built once per instruction offset."""
     lines = known[2]
@@ -104,16 +98,6 @@ def _user_site(frame: FrameType, known: _Known) -> tuple[int, Site]:
     if lines is not None and len(lines) < _MAX_LINES:
         lines[lasti] = found
     return found
-
-
-def endpoint_site(endpoint: str) -> Site:
-    """The site used for contexts Flask pushes itself while dispatching."""
-    site = _endpoint_sites.get(endpoint)
-    if site is None:
-        site = Site(file="", line=0, function="", endpoint=endpoint)
-        if len(_endpoint_sites) < _MAX_CACHED:
-            _endpoint_sites[endpoint] = site
-    return site
 
 
 def caller(depth: int) -> tuple[int, Site | None]:
