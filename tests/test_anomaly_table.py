@@ -8,7 +8,8 @@ from typing import get_args
 from ctxtrace import Config
 from ctxtrace._config import OPTIONS
 from ctxtrace._events import ANOMALIES, ANOMALY_KINDS, AnomalyName
-from ctxtrace.commands import report
+from ctxtrace.commands.report import model as report_model
+from ctxtrace.commands.report import plots as report_plots
 from ctxtrace.core.records import LedgerPolicy
 from ctxtrace.telemetry import logs
 
@@ -43,6 +44,6 @@ def test_config_and_ledger_defaults_come_from_the_options() -> None:
 def test_logs_and_report_follow_the_table() -> None:
     """Log levels, the report's order, fixes and colours are the table's."""
     assert {k.name for k in ANOMALY_KINDS if k.level == "error"} == logs._ERROR_ANOMALIES
-    assert tuple(k.name for k in ANOMALY_KINDS) == report.ANOMALY_ORDER
-    assert {k.name: k.fix for k in ANOMALY_KINDS} == report.FIXES
-    assert len(set(report.PALETTE.values())) == len(ANOMALY_KINDS)
+    assert tuple(k.name for k in ANOMALY_KINDS) == report_model.ANOMALY_ORDER
+    assert {k.name: k.fix for k in ANOMALY_KINDS} == report_model.FIXES
+    assert len(set(report_plots.PALETTE.values())) == len(ANOMALY_KINDS)

@@ -17,7 +17,11 @@ from typing import Any
 import pytest
 
 from ctxtrace.cli import main
-from ctxtrace.commands import report as _report
+from ctxtrace.commands.report import model as report_model
+from ctxtrace.commands.report import page as report_page
+from ctxtrace.commands.report import plots as report_plots
+from ctxtrace.commands.report import sources as report_sources
+from ctxtrace.commands.report import text as report_text
 from ctxtrace.example.serve import start_server
 
 from ._servers import free_port, server_binary, stop, wait_until
@@ -108,8 +112,8 @@ LOG = [
 class TestPrometheusText:
     def test_contexts_lifetimes_and_anomalies_per_worker(self) -> None:
         """Every ctxtrace metric of a /metrics snapshot lands on its worker; others are ignored."""
-        report = _report.Report()
-        used = _report.add_samples(report, _report.samples_from_text(SNAPSHOT))
+        report = report_model.Report()
+        used = report_sources.add_samples(report, report_sources.samples_from_text(SNAPSHOT))
         assert used > 0
         assert set(report.workers) == {W1, W2}
         one = report.workers[W1]
@@ -124,8 +128,8 @@ class TestPrometheusText:
 
     def test_quantiles_interpolate_like_histogram_quantile(self) -> None:
         """p50 and p99 come from the cumulative buckets, interpolated within a bucket."""
-        report = _report.Report()
-        _report.add_samples(report, _report.samples_from_text(SNAPSHOT))
+        report = report_model.Report()
+        report_sources.add_samples(report, report_sources.samples_from_text(SNAPSHOT))
         request = report.workers[W1].kinds["request"]
         assert request.quantile(0.5) == pytest.approx(0.001)
         # Rank 99 of 100 is the top of the 1-10 ms bucket (49 of 49 in it).
@@ -135,16 +139,16 @@ class TestPrometheusText:
 
     def test_rank_in_the_inf_bucket_gives_the_highest_bound(self) -> None:
         """As in Prometheus: nothing above the last finite bound can be told apart."""
-        assert _report.bucket_quantile(0.9, {0.1: 1, 1.0: 2, math.inf: 10}) == 1.0
-        assert _report.bucket_quantile(0.5, {0.1: 0, math.inf: 0}) is None
-        assert _report.bucket_quantile(0.5, {}) is None
+        assert report_model.bucket_quantile(0.9, {0.1: 1, 1.0: 2, math.inf: 10}) == 1.0
+        assert report_model.bucket_quantile(0.5, {0.1: 0, math.inf: 0}) is None
+        assert report_model.bucket_quantile(0.5, {}) is None
 
 
 class TestJsonLog:
     def test_anomalies_sites_and_counts(self) -> None:
         """Each anomaly line counts once plus what the rate limit held back, under its site."""
-        report = _report.Report()
-        used = _report.add_log_lines(report, LOG, "app.log")
+        report = report_model.Report()
+        used = report_sources.add_log_lines(report, LOG, "app.log")
         assert used == 7  # four anomalies, three lifecycle lines; config_error is not one
         assert report.skipped_lines == 3
         leaked = report.culprits[("leaked", "/srv/shop/jobs.py:12")]
@@ -160,23 +164,23 @@ class TestJsonLog:
     def test_spliced_lines_are_split(self) -> None:
         """Two workers' lines run together on a shared stream still count as two."""
         first, second = LOG[1], LOG[3]
-        report = _report.Report()
-        used = _report.add_log_lines(report, [first + second, first + "}garbage"], "x.log")
+        report = report_model.Report()
+        used = report_sources.add_log_lines(report, [first + second, first + "}garbage"], "x.log")
         assert used == 3 and report.skipped_lines == 1
         assert report.culprits[("wrong_pop", "/srv/shop/views.py:40")].count == 1
 
     def test_timeline_from_timestamps(self) -> None:
         """Every anomaly line is a point in time with its count."""
-        report = _report.Report()
-        _report.add_log_lines(report, LOG, "app.log")
+        report = report_model.Report()
+        report_sources.add_log_lines(report, LOG, "app.log")
         leaked = sorted((at, n) for at, _w, a, n in report.timeline if a == "leaked")
         assert [n for _at, n in leaked] == [1, 5]
         assert leaked[1][0] - leaked[0][0] == pytest.approx(60.0)
 
     def test_lifecycle_lines_give_exact_lifetimes(self) -> None:
         """With CTXTRACE_LOG_LIFECYCLE=true a log alone gives contexts and lifetimes."""
-        report = _report.Report()
-        _report.add_log_lines(report, LOG, "app.log")
+        report = report_model.Report()
+        report_sources.add_log_lines(report, LOG, "app.log")
         kind = report.workers["w:3:process"].kinds["request"]
         assert kind.pushes == 1
         assert kind.quantile(0.5) == pytest.approx(0.002)
@@ -184,9 +188,9 @@ class TestJsonLog:
 
     def test_log_and_metrics_merge_per_worker(self) -> None:
         """Metrics give exact counts, logs the sites; each count is the larger of the two."""
-        report = _report.Report()
-        _report.add_samples(report, _report.samples_from_text(SNAPSHOT))
-        _report.add_log_lines(report, LOG, "app.log")
+        report = report_model.Report()
+        report_sources.add_samples(report, report_sources.samples_from_text(SNAPSHOT))
+        report_sources.add_log_lines(report, LOG, "app.log")
         assert report.workers[W1].anomalies == {"leaked": 6, "out_of_context_access": 4}
         assert report.workers[W1].kinds["request"].quantile(0.5) == pytest.approx(0.001)
 
@@ -194,30 +198,30 @@ class TestJsonLog:
 class TestRendering:
     def test_text_names_counts_sites_and_fixes(self) -> None:
         """The terminal report lists each worker's anomalies with file:line and a fix."""
-        report = _report.Report()
-        _report.add_samples(report, _report.samples_from_text(SNAPSHOT))
-        _report.add_log_lines(report, LOG, "app.log")
-        text = _report.render_text(report)
+        report = report_model.Report()
+        report_sources.add_samples(report, report_sources.samples_from_text(SNAPSHOT))
+        report_sources.add_log_lines(report, LOG, "app.log")
+        text = report_text.render_text(report)
         assert f"{W1}  (metrics and log)" in text
         assert "request: p50 1.00 ms" in text
         assert "/srv/shop/jobs.py:12 in export  x6" in text
         assert "context on top pushed at /srv/shop/views.py:38" in text
-        assert _report.FIXES["leaked"][:30] in text
+        assert report_model.FIXES["leaked"][:30] in text
 
     def test_explainer_overrides_the_general_fix(self) -> None:
         """A caller that knows the code (the demo) supplies cause and fix per culprit."""
-        report = _report.Report()
-        _report.add_log_lines(report, LOG, "app.log")
+        report = report_model.Report()
+        report_sources.add_log_lines(report, LOG, "app.log")
 
-        def explain(culprit: _report.Culprit) -> _report.Explanation | None:
+        def explain(culprit: report_model.Culprit) -> report_model.Explanation | None:
             if culprit.anomaly == "leaked":
-                return _report.Explanation("job", "the export skips its pop", "use with")
+                return report_model.Explanation("job", "the export skips its pop", "use with")
             return None
 
-        text = _report.render_text(report, explain)
+        text = report_text.render_text(report, explain)
         assert "cause: [job] the export skips its pop" in text
         assert "fix:   use with" in text
-        page = _report.render_html(report, explain)
+        page = report_page.render_html(report, explain)
         assert "the export skips its pop" in page
 
     def test_html_without_matplotlib_has_tables_and_says_how_to_get_plots(
@@ -226,21 +230,21 @@ class TestRendering:
         """The report extra is optional: without it the HTML still has every number."""
         monkeypatch.setitem(sys.modules, "matplotlib", None)
         monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-        report = _report.Report()
-        _report.add_log_lines(report, LOG, "app.log")
-        assert _report.figure_png(report) is None
-        page = _report.render_html(report)
-        assert html.escape(_report.INSTALL_HINT) in page
+        report = report_model.Report()
+        report_sources.add_log_lines(report, LOG, "app.log")
+        assert report_plots.figure_png(report) is None
+        page = report_page.render_html(report)
+        assert html.escape(report_plots.INSTALL_HINT) in page
         assert "/srv/shop/jobs.py:12" in page and "<img" not in page
 
     def test_html_with_plots(self) -> None:
         """With matplotlib (the test extra has it) the panels are embedded as a PNG."""
-        report = _report.Report()
-        _report.add_samples(report, _report.samples_from_text(SNAPSHOT))
-        _report.add_log_lines(report, LOG, "app.log")
-        png = _report.figure_png(report)
+        report = report_model.Report()
+        report_sources.add_samples(report, report_sources.samples_from_text(SNAPSHOT))
+        report_sources.add_log_lines(report, LOG, "app.log")
+        png = report_plots.figure_png(report)
         assert png is not None and png.startswith(b"\x89PNG")
-        assert "data:image/png;base64," in _report.render_html(report, png=png)
+        assert "data:image/png;base64," in report_page.render_html(report, png=png)
 
 
 class TestCommand:
@@ -314,8 +318,8 @@ def test_report_from_a_prometheus_server(tmp_path: Path) -> None:
                 all three wrong pops before Prometheus found the other)."""
                 try:
                     found = _query(base, "sum(ctxtrace_anomalies_total{anomaly='wrong_pop'})")
-                    seen = _report.Report()
-                    _report.add_prometheus(seen, base, 300)
+                    seen = report_model.Report()
+                    report_sources.add_prometheus(seen, base, 300)
                 except OSError:
                     return False
                 gunicorn = [w for w in seen.workers if w.endswith(":gunicorn")]
@@ -326,8 +330,8 @@ def test_report_from_a_prometheus_server(tmp_path: Path) -> None:
             assert main(["report", "--prometheus", base, "--since", "5m", "--out", str(out)]) == 0
             page = out.read_text()
             assert "wrong_pop" in page and f"Prometheus {base}" in page
-            report = _report.Report()
-            _report.add_prometheus(report, base, 300)
+            report = report_model.Report()
+            report_sources.add_prometheus(report, base, 300)
             workers = {w for w in report.workers if w.endswith(":gunicorn")}
             assert len(workers) == 2
             assert sum(report.workers[w].anomalies["wrong_pop"] for w in workers) == 3
@@ -336,8 +340,8 @@ def test_report_from_a_prometheus_server(tmp_path: Path) -> None:
             assert requests >= 6
             # One worker's endpoint, read directly, is one scrape with no time axis.
             target = next(iter(t for w, t in server.targets().items() if w in workers))
-            direct = _report.Report()
-            _report.add_prometheus(direct, f"http://{target}/metrics")
+            direct = report_model.Report()
+            report_sources.add_prometheus(direct, f"http://{target}/metrics")
             assert list(direct.workers) and not direct.timeline
         finally:
             stop(prometheus, grace=10)

@@ -32,7 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-from ctxtrace.commands import report as _report
+from ctxtrace.commands.report import model as report_model
+from ctxtrace.commands.report import page as report_page
+from ctxtrace.commands.report import plots as report_plots
+from ctxtrace.commands.report import sources as report_sources
+from ctxtrace.commands.report import text as report_text
 from ctxtrace.telemetry.prometheus import target_file_name
 
 COMMAND: Final = "demo"
@@ -83,7 +87,7 @@ def culprit_functions() -> dict[str, tuple[str, str]]:
     }
 
 
-def scenario_of(culprit: _report.Culprit, table: dict[str, tuple[str, str]]) -> str | None:
+def scenario_of(culprit: report_model.Culprit, table: dict[str, tuple[str, str]]) -> str | None:
     """The id of the scenario whose code a culprit's site points at, if any."""
     path, _sep, _line = culprit.site.rpartition(":")
     name = (culprit.function or "").rsplit(".", 1)[-1]
@@ -93,17 +97,17 @@ def scenario_of(culprit: _report.Culprit, table: dict[str, tuple[str, str]]) -> 
     return None
 
 
-def explainer(table: dict[str, tuple[str, str]]) -> _report.Explain:
+def explainer(table: dict[str, tuple[str, str]]) -> report_model.Explain:
     from ctxtrace.example import SCENARIOS  # noqa: PLC0415
 
     by_id = {s.id: s for s in SCENARIOS}
 
-    def explain(culprit: _report.Culprit) -> _report.Explanation | None:
+    def explain(culprit: report_model.Culprit) -> report_model.Explanation | None:
         scenario_id = scenario_of(culprit, table)
         if scenario_id is None:
             return None
         scenario = by_id[scenario_id]
-        return _report.Explanation(f"scenario {scenario.id}", scenario.cause, scenario.fix)
+        return report_model.Explanation(f"scenario {scenario.id}", scenario.cause, scenario.fix)
 
     return explain
 
@@ -289,11 +293,11 @@ def _scrape(target: str) -> str | None:
 
 
 def _totals(targets: dict[str, str]) -> Counter[str]:
-    report = _report.Report()
+    report = report_model.Report()
     for target in targets.values():
         text = _scrape(target)
         if text is not None:
-            _report.add_samples(report, _report.samples_from_text(text))
+            report_sources.add_samples(report, report_sources.samples_from_text(text))
     return report.anomaly_totals()
 
 
@@ -337,7 +341,7 @@ def collect_log(sources: Sequence[Path], destination: Path) -> int:
                 continue
             with open(source, encoding="utf-8", errors="replace") as lines:
                 for line in lines:
-                    entries, _rest = _report.json_objects(line)
+                    entries, _rest = report_sources.json_objects(line)
                     for entry in entries:
                         if str(entry.get("event", "")).startswith("ctxtrace."):
                             out.write(json.dumps(entry) + "\n")
@@ -349,12 +353,12 @@ def collect_log(sources: Sequence[Path], destination: Path) -> int:
 
 
 def scenario_findings(
-    report: _report.Report, table: dict[str, tuple[str, str]]
-) -> dict[str, dict[str, list[_report.Culprit]]]:
+    report: report_model.Report, table: dict[str, tuple[str, str]]
+) -> dict[str, dict[str, list[report_model.Culprit]]]:
     """For each scenario, the culprits found for each anomaly it expects."""
     from ctxtrace.example import SCENARIOS  # noqa: PLC0415
 
-    found: dict[str, dict[str, list[_report.Culprit]]] = {
+    found: dict[str, dict[str, list[report_model.Culprit]]] = {
         s.id: {a: [] for a in s.anomalies} for s in SCENARIOS
     }
     for culprit in report.culprits.values():
@@ -365,7 +369,9 @@ def scenario_findings(
 
 
 def render_findings(
-    findings: dict[str, dict[str, list[_report.Culprit]]], load: Load, interrupted: bool = False
+    findings: dict[str, dict[str, list[report_model.Culprit]]],
+    load: Load,
+    interrupted: bool = False,
 ) -> tuple[str, int]:
     """The checklist of seeded faults; returns it and how many were not reported."""
     lines = ["", "Seeded faults (ctxtrace/example/scenarios.py)"]
@@ -373,7 +379,7 @@ def render_findings(
     for scenario_id, by_anomaly in findings.items():
         for anomaly, culprits in by_anomaly.items():
             if culprits:
-                sites = ", ".join(sorted({_report.short_site(c.site) for c in culprits}))
+                sites = ", ".join(sorted({report_text.short_site(c.site) for c in culprits}))
                 count = sum(c.count for c in culprits)
                 lines.append(f"  [x] {scenario_id:<22} {anomaly:<22} x{count:<3} at {sites}")
             else:
@@ -510,13 +516,13 @@ def _finish(
     lines = collect_log(logs, log_path)
     shape = "gunicorn" if server is not None and server.kind == "gunicorn" else "werkzeug"
     title = f"ctxtrace demo: the example shop under {shape}"
-    report = _report.Report(title=title)
+    report = report_model.Report(title=title)
     for path in saved:
-        _report.add_metrics_text(report, path.read_text(encoding="utf-8"), str(path))
-    _report.add_log_file(report, log_path)
+        report_sources.add_metrics_text(report, path.read_text(encoding="utf-8"), str(path))
+    report_sources.add_log_file(report, log_path)
     table = culprit_functions()
     explain = explainer(table)
-    text = _report.render_text(report, explain)
+    text = report_text.render_text(report, explain)
     findings, missing = render_findings(scenario_findings(report, table), load, interrupted)
     text += findings
     elapsed = time.monotonic() - started
@@ -528,7 +534,7 @@ def _finish(
     ]
     if load.failures:
         summary.append(f"unexpected answers: {', '.join(load.failures[:5])}")
-    png = _report.write_outputs(report, out / "report.html", explain, out / "report.png")
+    png = report_page.write_outputs(report, out / "report.html", explain, out / "report.png")
     summary.append(f"output in {out}/:")
     summary.append(f"  {LOG_NAME:<16} {lines} JSON log lines (every worker and the command)")
     summary.append(f"  {'metrics/':<16} /metrics of each process ({len(saved)} files)")
@@ -536,7 +542,7 @@ def _finish(
     if png is not None:
         summary.append(f"  {'report.png':<16} the plots")
     else:
-        summary.append(f"  (no plots: {_report.INSTALL_HINT})")
+        summary.append(f"  (no plots: {report_plots.INSTALL_HINT})")
     summary.append(f"  {'server.log':<16} everything the server printed")
     summary.append(
         f"same report again: ctxtrace report --log {log_path} --metrics {out / 'metrics'}"
