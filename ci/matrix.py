@@ -53,17 +53,17 @@ TARGETS = {
     "main": None,
 }
 CORE_TESTS = (
-    "tests/test_seed_causes.py",
-    "tests/test_not_flagged.py",
-    "tests/test_ledger.py",
-    "tests/test_ledger_model.py",
+    "tests/core/test_seed_causes.py",
+    "tests/core/test_not_flagged.py",
+    "tests/core/test_ledger.py",
+    "tests/core/test_ledger_model.py",
     "tests/test_instrument.py",
-    "tests/test_fail_open.py",
-    "tests/test_logs.py",
+    "tests/core/test_fail_open.py",
+    "tests/telemetry/test_logs.py",
     "tests/test_config.py",
     "tests/test_bad_input.py",
     "tests/test_security.py",
-    "tests/test_soak.py",
+    "tests/end_to_end/test_soak.py",
 )
 RUN_TIMEOUT_S = 900
 

@@ -1,0 +1,1 @@
+"""Tests of the core: hooks, ledger and what they detect, against real Flask."""

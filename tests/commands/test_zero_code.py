@@ -24,7 +24,7 @@ from ctxtrace._instrumentor import CtxtraceInstrumentor
 from ctxtrace.commands.run import environment
 from ctxtrace.telemetry import providers
 
-from ._servers import REPO
+from .._servers import REPO
 
 BIN = Path(sys.executable).parent
 REPORT = [sys.executable, "-m", "flask", "--app", "tests.fixtures.telemetry_app", "report"]

@@ -16,10 +16,10 @@ import yaml
 
 from ctxtrace.commands import check_imports
 
-from ._servers import REPO
-from ._support import line_of
+from .._servers import REPO
+from .._support import line_of
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 BUGGY = FIXTURES / "imports_buggy"
 
 

@@ -11,9 +11,9 @@ import pytest
 import redis
 from rq import Queue
 
-from ._servers import python, redis_server, stop
-from ._support import line_of
-from .fixtures import event_file, rq_jobs
+from .._servers import python, redis_server, stop
+from .._support import line_of
+from ..fixtures import event_file, rq_jobs
 
 JOBS = rq_jobs.__file__
 JOB = "tests.fixtures.rq_jobs"

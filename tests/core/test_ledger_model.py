@@ -36,7 +36,7 @@ from ctxtrace import _agent
 from ctxtrace.core.flaskshape import detect
 from ctxtrace.core.ledger import Ledger
 
-from ._support import Recorder
+from .._support import Recorder
 
 MERGED = detect().merged
 THREADS = 2

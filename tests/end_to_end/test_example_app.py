@@ -36,7 +36,7 @@ from ctxtrace.example.faults import LEAKED_MARKER
 from ctxtrace.example.scenarios import ANOMALY_NAMES
 from ctxtrace.example.worker import load_lazy_settings, run_in_thread
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = REPO_ROOT / "ctxtrace" / "example"
 NO_APP_CONTEXT = "Working outside of application context"
 

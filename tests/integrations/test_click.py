@@ -16,9 +16,9 @@ from flask import Flask
 import ctxtrace
 from ctxtrace import _worker
 
-from ._servers import REPO
-from ._support import line_of
-from .fixtures import cli_app
+from .._servers import REPO
+from .._support import line_of
+from ..fixtures import cli_app
 
 CLI = cli_app.__file__
 

@@ -17,7 +17,7 @@ from flask import Flask, current_app, g
 from ctxtrace import _agent
 from ctxtrace.core.flaskshape import detect
 
-from ._support import clear_flask_stacks, line_of, push_count
+from .._support import clear_flask_stacks, line_of, push_count
 
 HERE = __file__
 MERGED = detect().merged

@@ -15,7 +15,7 @@ from flask import Flask, current_app, g, session
 import ctxtrace
 from ctxtrace.telemetry.logs import RateLimiter
 
-from ._support import clear_flask_stacks
+from .._support import clear_flask_stacks
 
 
 @pytest.fixture

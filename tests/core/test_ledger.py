@@ -15,7 +15,7 @@ from ctxtrace import _agent
 from ctxtrace.core.counters import read_count
 from ctxtrace.core.flaskshape import detect
 
-from ._support import clear_flask_stacks
+from .._support import clear_flask_stacks
 
 
 def _agent_now() -> _agent.Agent:

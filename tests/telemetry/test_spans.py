@@ -24,7 +24,7 @@ from opentelemetry.trace import StatusCode
 from ctxtrace import _agent
 from ctxtrace.telemetry import providers
 
-from ._support import clear_flask_stacks, line_of
+from .._support import clear_flask_stacks, line_of
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from ctxtrace import _agent
 from ctxtrace.core import records
 from ctxtrace.core.ledger import Ledger
 
-from ._support import outcomes_app
+from .._support import outcomes_app
 
 
 def _make_app(order: list[str]) -> Flask:

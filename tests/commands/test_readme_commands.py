@@ -22,7 +22,7 @@ import pytest
 from ctxtrace.example import SCENARIOS
 from ctxtrace.telemetry.pids import alive
 
-from ._servers import REPO, wait_until
+from .._servers import REPO, wait_until
 
 README = REPO / "README.md"
 BIN = Path(sys.executable).parent

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ._servers import REPO, free_port, run_threads, stop, wait_until
-from ._support import line_of
+from .._servers import REPO, free_port, run_threads, stop, wait_until
+from .._support import line_of
 
 BIN = Path(sys.executable).parent
 

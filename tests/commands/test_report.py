@@ -24,7 +24,7 @@ from ctxtrace.commands.report import sources as report_sources
 from ctxtrace.commands.report import text as report_text
 from ctxtrace.example.serve import start_server
 
-from ._servers import free_port, server_binary, stop, wait_until
+from .._servers import free_port, server_binary, stop, wait_until
 
 W1 = "w:1:gunicorn"
 W2 = "w:2:gunicorn"

@@ -20,7 +20,7 @@ from flask import Flask
 
 from ctxtrace import _agent
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIB = 2**20
 
 

@@ -28,7 +28,7 @@ import pytest
 
 from ctxtrace import _agent
 
-from ._servers import (
+from .._servers import (
     REPO,
     free_port,
     run_threads,
@@ -37,7 +37,7 @@ from ._servers import (
     wait_until,
     werkzeug_server,
 )
-from .fixtures import load_app
+from ..fixtures import load_app
 
 THREADS = 16
 PER_THREAD = 150

@@ -23,7 +23,7 @@ from werkzeug.test import Client
 
 from ctxtrace import _agent
 
-from ._support import Recorder
+from .._support import Recorder
 
 
 def _silent(recorder: Recorder) -> None:

@@ -18,9 +18,9 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 import ctxtrace
 from ctxtrace import _agent
 
-from ._servers import python, redis_server, stop, wait_until
-from ._support import line_of
-from .fixtures import celery_tasks, event_file
+from .._servers import python, redis_server, stop, wait_until
+from .._support import line_of
+from ..fixtures import celery_tasks, event_file
 
 TASKS = celery_tasks.__file__
 CELERY_TIMEOUT_S = 30.0

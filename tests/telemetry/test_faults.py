@@ -32,9 +32,9 @@ import ctxtrace
 from ctxtrace import _agent
 from ctxtrace.telemetry import providers
 
-from ._otlp import Receiver
-from ._servers import REPO, free_port, wait_until
-from ._support import outcomes_app
+from .._otlp import Receiver
+from .._servers import REPO, free_port, wait_until
+from .._support import outcomes_app
 
 #: What a request may take at most, whatever the exporters do: well under every hang below.
 REQUEST_BOUND_S = 1.0

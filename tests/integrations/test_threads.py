@@ -12,7 +12,7 @@ import ctxtrace
 from ctxtrace._events import Unit
 from ctxtrace.core.units import StartedBy
 
-from ._support import line_of
+from .._support import line_of
 
 HERE = __file__
 

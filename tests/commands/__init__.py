@@ -1,0 +1,1 @@
+"""Tests of the ctxtrace subcommands: run, check-imports, report, demo."""

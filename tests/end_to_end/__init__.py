@@ -1,0 +1,1 @@
+"""End-to-end tests: real servers and workers, load, soak and the benchmark smoke."""

@@ -1,0 +1,1 @@
+"""Tests of the units of work beyond requests: Celery, RQ, Click, threads, hand-over."""

@@ -1,0 +1,1 @@
+"""Tests of the emitters: logs, metrics, spans and the exporters behind them."""
