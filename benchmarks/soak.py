@@ -247,8 +247,6 @@ def _result(
     seconds: float,
     warmup: int,
 ) -> SoakResult:
-    from ctxtrace.core.ledger import _count_of
-
     snapshot = agent.ledger.snapshot()
     after = [s for s in samples if s.contexts >= warmup] or samples[-1:]
     counted = [s.objects for s in after if s.objects] or [0]
@@ -262,7 +260,7 @@ def _result(
         tracked_leaks=dict(driver.tracked_leaks),
         pushes_tracked=sum(s.pushes for s in snapshot),
         pops_tracked=sum(s.pops for s in snapshot),
-        dropped=_count_of(agent.ledger.dropped_contexts),
+        dropped=agent.dropped()["context"],
         reported=dict(counting.counts),
         internal_errors=agent.errors.counts(),
         peak_tracked=max(s.tracked for s in samples),

@@ -100,7 +100,7 @@ class EventFile:
                 kind: sum(s.pushes for s in snapshot if s.kind == kind)
                 for kind in ("app", "request")
             },
-            "dropped_contexts": int(repr(agent.ledger.dropped_contexts)[6:-1]),
+            "dropped_contexts": agent.dropped()["context"],
             "internal_errors": agent.errors.counts(),
             "events": self.written,
             "flask_shape": "merged" if agent.shape.merged else "split",

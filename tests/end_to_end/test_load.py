@@ -165,7 +165,7 @@ def test_threaded_server_counts_every_anomaly_once(instrumented: Any) -> None:
         for what in ("pushes", "pops")
     }
     check_counts(plan, counts, agent.shape.merged, extra=[])
-    assert int(repr(agent.ledger.dropped_contexts)[6:-1]) == 0
+    assert agent.dropped()["context"] == 0
     assert agent.errors.counts() == {}
     # The leaked contexts died with their request threads: nothing is tracked any more.
     assert agent.ledger.live_count() == 0
