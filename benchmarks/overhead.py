@@ -59,6 +59,7 @@ child's environment, so "default" means the defaults.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import gc
 import json
@@ -381,8 +382,14 @@ class Cell:
         return statistics.median(self.samples)
 
 
-def timings(configs: list[str], rounds: int, loops: int, clock: str) -> list[Cell]:
-    """Every cell once per round, in a fresh process, all cells interleaved."""
+def timings(
+    configs: list[str], rounds: int, loops: int, clock: str, parallel: int = 1
+) -> list[Cell]:
+    """Every cell once per round, in a fresh process, all cells interleaved.
+
+    ``parallel`` runs that many cells at once: only for the smoke, whose numbers
+    mean nothing; a measurement runs one at a time.
+    """
     plan: list[tuple[str, str, int]] = []
     for name in WORKLOADS:
         for config in configs:
@@ -395,13 +402,19 @@ def timings(configs: list[str], rounds: int, loops: int, clock: str) -> list[Cel
                 plan.append((config, name, loops))
     samples: dict[tuple[str, str], list[float]] = {}
     env = child_env()
-    for _ in range(rounds):
-        for config, name, calls in plan:
-            out = subprocess.run(
-                [sys.executable, __file__, "--worker", config, name, str(calls), clock],
-                check=True, capture_output=True, text=True, env=env,
-            ).stdout
-            samples.setdefault((config, name), []).append(json.loads(out)["ns"])
+
+    def sample(cell: tuple[str, str, int]) -> float:
+        config, name, calls = cell
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", config, name, str(calls), clock],
+            check=True, capture_output=True, text=True, env=env,
+        ).stdout
+        return float(json.loads(out)["ns"])
+
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        for _ in range(rounds):
+            for (config, name, _calls), ns in zip(plan, pool.map(sample, plan), strict=True):
+                samples.setdefault((config, name), []).append(ns)
     return [Cell(c, w, tuple(v)) for (c, w), v in samples.items()]
 
 
@@ -863,7 +876,9 @@ def main() -> None:
     def part(name: str) -> None:
         print(f"{name} done at {time.monotonic() - started:.0f} s", file=sys.stderr)
 
-    cells = timings(configs, args.rounds, args.loops, args.clock)
+    cells = timings(
+        configs, args.rounds, args.loops, args.clock, (os.cpu_count() or 1) if args.smoke else 1
+    )
     part("timings")
     runs = server_runs(args.rounds, args.server_seconds, args.client_threads)
     part("gunicorn")

@@ -288,7 +288,7 @@ sys.path.insert(0, sys.argv[1])
 import ctxtrace
 from ctxtrace import _agent
 from tests._support import outcomes_app
-from tests.test_faults import drive
+from tests.telemetry.test_faults import drive
 ctxtrace.instrument(metrics="none", log_rate_window="off")
 started = time.monotonic()
 seen, worst = drive(outcomes_app(), rounds=int(sys.argv[2]))
