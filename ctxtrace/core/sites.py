@@ -135,7 +135,12 @@ def is_import_time(depth: int) -> bool:
             # A module body run by the import system, not the script's own __main__.
             if back is not None and back.f_code.co_filename.startswith("<frozen importlib"):
                 return True
-            if frame.f_globals.get("__name__") != "__main__":
+            # One run by another loader (pytest's assertion rewriting): the import
+            # system marks the module's spec while its body runs. Code exec'd in a
+            # module-like namespace that is not being imported (execnet's, an
+            # embedding host's) is run time.
+            spec = frame.f_globals.get("__spec__")
+            if spec is not None and getattr(spec, "_initializing", False):
                 return True
         frame = frame.f_back
     return False
