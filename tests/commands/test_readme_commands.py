@@ -32,7 +32,7 @@ DEMO_SETUP = (
 )
 TEST_SETUP = (
     "python3 -m venv .venv && . .venv/bin/activate && pip install -q --upgrade pip"
-    " && pip install -q -e '.[test]' && pytest"
+    " && pip install -q -e '.[test]' && pytest -n 4 --dist loadfile"
 )
 SITE = re.compile(r"[\w./-]+\.py:\d+")
 
