@@ -227,13 +227,7 @@ class Agent:
         if self._watchdog is not None and self._watchdog is not threading.current_thread():
             self._watchdog.join(timeout_s)
         # One budget for all of them: each emitter bounds its own stop by what is left.
-        for emitter in self._with_telemetry():
-            stop = getattr(emitter, "stop", None)
-            if stop is not None:
-                try:
-                    stop(max(0.0, deadline - time.monotonic()))
-                except Exception as exc:
-                    self.errors.record(emitter.name, exc)
+        self._each_within(self._with_telemetry(), "stop", deadline)
 
     def _with_telemetry(self) -> list[Any]:
         """The emitters, plus the telemetry ones if a caller replaced the list: they own
@@ -246,12 +240,16 @@ class Agent:
         For processes that end without atexit handlers (an RQ work-horse, a
         Celery pool process): integrations call it when such a unit ends.
         """
-        deadline = time.monotonic() + timeout_s
-        for emitter in self.emitters:
-            flush = getattr(emitter, "flush", None)
-            if flush is not None:
+        self._each_within(self.emitters, "flush", time.monotonic() + timeout_s)
+
+    def _each_within(self, emitters: list[Any], method: str, deadline: float) -> None:
+        """``method(seconds left)`` on each emitter that has it; one that raises is
+        counted and the others still run."""
+        for emitter in emitters:
+            call = getattr(emitter, method, None)
+            if call is not None:
                 try:
-                    flush(max(0.0, deadline - time.monotonic()))
+                    call(max(0.0, deadline - time.monotonic()))
                 except Exception as exc:
                     self.errors.record(emitter.name, exc)
 

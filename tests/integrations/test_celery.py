@@ -18,7 +18,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 import ctxtrace
 from ctxtrace import _agent
 
-from .._servers import python, redis_server, stop, wait_until
+from .._servers import python, stop, wait_until
 from .._support import line_of
 from ..fixtures import celery_tasks, event_file
 
@@ -28,12 +28,6 @@ CELERY_TIMEOUT_S = 30.0
 
 def site(marker: str) -> str:
     return f"{TASKS}:{line_of(TASKS, marker)}"
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
 
 
 @dataclass

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 from rq import Queue
 
-from .._servers import python, redis_server, stop
+from .._servers import python, stop
 from .._support import line_of
 from ..fixtures import event_file, rq_jobs
 
@@ -22,12 +21,6 @@ WORKER_TIMEOUT_S = 60.0
 
 def site(marker: str) -> str:
     return f"{JOBS}:{line_of(JOBS, marker)}"
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
