@@ -143,6 +143,9 @@ class Agent:
         if handle.unit is not None and handle.token is not None:
             self.hooks.end_unit(handle.unit, handle.token)
 
+    def escaped(self, exc: BaseException) -> None:
+        self.hooks.escaped(exc)
+
     @property
     def running(self) -> bool:
         """Whether this agent is the one running (one stopped meanwhile stays quiet)."""
@@ -217,6 +220,11 @@ class Agent:
         self.integrations = integrations.install_all(self)
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        try:
+            # Accesses made outside any unit are told now, while the emitters listen.
+            self.ledger.settle_loose()
+        except Exception as exc:
+            self.errors.record("ledger", exc)
         self.stopped = True
         _signals.uninstall()
         integrations.uninstall_all(self, self.integrations)

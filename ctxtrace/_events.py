@@ -16,6 +16,11 @@ AnomalyName = Literal[
     "leaked", "long_lived", "wrong_pop", "double_pop", "foreign_pop", "stale_context"
 ]
 Phase = Literal["import", "runtime"]
+#: Whether an out-of-context access's ``RuntimeError`` reached the boundary of its unit of
+#: work (a request's 500, a failed task, job, command, thread or test) or the
+#: application caught it (a ``try``/``except`` fallback, ``pytest.raises``).
+Outcome = Literal["escaped", "handled"]
+OUTCOMES: tuple[Outcome, ...] = ("escaped", "handled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,9 @@ class Site:
     function: str
     module: str = ""
     endpoint: str | None = None
+    #: The installed package's (or standard library's) frame nearest to the event,
+    #: when the application reached Flask through one (Flask-SQLAlchemy, say).
+    via: Site | None = None
 
     def __str__(self) -> str:
         if self.endpoint is not None:
@@ -206,7 +214,13 @@ class Anomaly:
 
 @dataclass(frozen=True, slots=True)
 class OutOfContextAccess:
-    """A proxy was used with no context and the ``RuntimeError`` reached the caller."""
+    """A proxy was used with no context and the ``RuntimeError`` reached the caller.
+
+    It is told once its unit of work ends, when ``outcome`` is known: ``escaped``
+    when the error (or one it caused) failed the unit, ``handled`` when the
+    application caught it. An access outside any unit is told at the agent's next
+    sweep: ``handled`` when the frame that caught it is the application's own.
+    """
 
     proxy: str
     site: Site | None
@@ -218,6 +232,8 @@ class OutOfContextAccess:
     flight: tuple[FlightRecord, ...]
     at_ns: int
     parent_unit: Unit | None = None
+    outcome: Outcome = "escaped"
+    carry: object = _carry()
 
 
 Event = ContextPushed | ContextPopped | Anomaly | OutOfContextAccess

@@ -53,6 +53,10 @@ class Host(Protocol):
         """The unit running on the calling thread, if any (who starts a thread)."""
         ...
 
+    def escaped(self, exc: BaseException) -> None:
+        """``exc`` is failing the running unit: accesses whose errors led to it escaped."""
+        ...
+
     def set_role(self, role: str) -> None:
         """Say what this process is (``celery``, ``rq``, ``cli``); renames ``worker``."""
         ...

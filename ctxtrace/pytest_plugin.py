@@ -26,7 +26,7 @@ import contextlib
 import os
 import time
 import weakref
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -63,6 +63,8 @@ class EventLog:
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        #: Tells the running test's pending accesses (see ``accesses``).
+        self.settle: Callable[[], None] = lambda: None
 
     def handle(self, event: Event) -> None:
         self.events.append(event)
@@ -74,7 +76,13 @@ class EventLog:
         ]
 
     def accesses(self) -> list[OutOfContextAccess]:
-        """Out-of-context accesses."""
+        """Out-of-context accesses, those the test has caught so far included.
+
+        An access is told when its outcome is known: ``escaped`` when its error
+        fails the test, ``handled`` when the test ends. A test that asks has
+        caught the errors it made so far, so they are told as handled first.
+        """
+        self.settle()
         return [e for e in self.events if isinstance(e, OutOfContextAccess)]
 
     def clear(self) -> None:
@@ -181,6 +189,7 @@ class _Guard:
             if self.subscribed is not None:
                 self.subscribed.unsubscribe(self.log)
             agent.subscribe(self.log)
+            self.log.settle = agent.ledger.settle_now
             self.subscribed = agent
         return agent
 
@@ -235,7 +244,11 @@ class _Guard:
     ) -> Generator[None, None, None]:
         try:
             result = yield
-        except BaseException:
+        except BaseException as exc:
+            run = self.run
+            if run is not None and run.handle is not None:
+                # The error failed the test: accesses whose errors led to it escaped.
+                run.agent.escaped(exc)
             self._check(item, when, last=last, raise_=False)
             raise
         self._check(item, when, last=last, raise_=True)
@@ -276,6 +289,9 @@ class _Guard:
         name = _name(event)
         if name not in FAILING or (run.allowed is None or name in run.allowed):
             return False
+        if isinstance(event, OutOfContextAccess):
+            # One the test caught (``pytest.raises``, a fallback) is not a failure.
+            return event.outcome == "escaped"
         # A leak the watchdog finds late may be an earlier test's: judge only
         # contexts pushed while this test's unit ran.
         return not isinstance(event, Anomaly) or (
@@ -371,6 +387,7 @@ def ctxtrace_events(request: pytest.FixtureRequest) -> Iterator[EventLog]:
     if agent is None:
         pytest.fail("ctxtrace_events: ctxtrace could not be turned on (CTXTRACE_ENABLED=false?)")
     log = EventLog()
+    log.settle = agent.ledger.settle_now
     agent.subscribe(log)
     try:
         yield log

@@ -8,6 +8,7 @@ from pathlib import Path
 from flask import Flask, abort
 from flask import globals as flask_globals
 
+from ctxtrace import _agent
 from ctxtrace._events import Anomaly, Event, OutOfContextAccess
 
 
@@ -30,6 +31,11 @@ class Recorder:
         return [e.name for e in self.anomalies()]
 
     def accesses(self) -> list[OutOfContextAccess]:
+        """Out-of-context accesses, told first as the test code has caught them so far
+        (an access is told when its outcome is known: see ``Ledger.access``)."""
+        agent = _agent.current()
+        if agent is not None:
+            agent.ledger.settle_now()
         return [e for e in self.events if isinstance(e, OutOfContextAccess)]
 
     def clear(self) -> None:

@@ -331,6 +331,7 @@ def _import(
         importlib.import_module(name)
     except (Exception, SystemExit) as exc:
         error = exc
+        agent.escaped(exc)
     finally:
         agent.end_unit(handle)
     causes: list[str] = []

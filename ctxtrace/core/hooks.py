@@ -127,10 +127,25 @@ class Hooks:
                 patch.revert()
             raise
         self.patches = done
+        # A view's error that Flask turns into a 500 never leaves ``wsgi_app``:
+        # Flask's own signal says it escaped the request.
+        flask.got_request_exception.connect(self._request_failed, weak=False)
+
+    def _request_failed(self, sender: object, exception: BaseException, **_: object) -> None:
+        self.escaped(exception)
+
+    def escaped(self, exc: BaseException) -> None:
+        """``exc`` failed the running unit of work (a 500, a failed task or command)."""
+        if self.active:
+            try:
+                self.ledger.escaped(exc)
+            except Exception as internal:
+                self.errors.record("hooks", internal)
 
     def uninstall(self) -> None:
         """Put back every original that is still ours; wrappers left inside others go inert."""
         self.active = False
+        flask.got_request_exception.disconnect(self._request_failed)
         for patch in reversed(self.patches):
             patch.revert()
         self.patches = []
@@ -556,6 +571,9 @@ class Hooks:
                 return original(self, environ, start_response)
             try:
                 return original(self, environ, start_response)
+            except BaseException as exc:
+                hooks.escaped(exc)
+                raise
             finally:
                 try:
                     if hooks.active:

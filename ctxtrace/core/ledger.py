@@ -29,8 +29,10 @@ import itertools
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
+from dataclasses import replace
 from typing import Final, Literal
 
 from ctxtrace._events import (
@@ -47,6 +49,7 @@ from ctxtrace._events import (
     Site,
     Unit,
 )
+from ctxtrace.core import sites
 from ctxtrace.core.counters import read_count
 from ctxtrace.core.names import safe_name
 from ctxtrace.core.records import (
@@ -88,6 +91,28 @@ OTHER_APP: Final = "other"
 #: The unit name of a request whose URL matched no rule.
 UNMATCHED: Final = "<unmatched>"
 DEFAULT_POLICY: Final = LedgerPolicy()
+#: Most accesses a unit keeps untold; past it the oldest is told as handled.
+MAX_PENDING: Final = 32
+#: Most accesses outside any unit waiting for the sweep.
+MAX_LOOSE: Final = 1024
+#: How long an access outside any unit waits before it is told: its error has
+#: been caught (or has ended its thread) by then.
+LOOSE_GRACE_NS: Final = 500_000_000
+#: How far ``causes`` follows an error's causes and contexts.
+_MAX_CAUSES: Final = 32
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors it was raised from or while handling, at most ``_MAX_CAUSES``."""
+    found: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo and len(found) < _MAX_CAUSES:
+        error = todo.pop()
+        if any(error is seen for seen in found):
+            continue
+        found.append(error)
+        todo.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+    return found
 
 
 class Ledger:
@@ -142,6 +167,9 @@ class Ledger:
         self.records: Mapping[int, Entry] = self._live
         # Request units whose own contexts are pushed and untracked (see the module doc).
         self._inflight: set[UnitState] = set()
+        # Accesses made outside any unit of work, told at the next sweep (see ``access``).
+        self._loose: deque[tuple[OutOfContextAccess, BaseException]] = deque()
+        self._loose_lock = threading.Lock()
         self._stats: dict[tuple[str, str], Stats] = {}
         self._stats_lock = threading.Lock()
         self._endpoint_sites: dict[str, Site] = {}
@@ -730,6 +758,8 @@ class Ledger:
             self._promote(unit)
         if not unit.checked:
             self.check_stale(unit)
+        if unit.pending is not None:
+            self._settle(unit)
         unit.finished = True
         try:
             if token is not None:
@@ -805,6 +835,7 @@ class Ledger:
             self._check_age(entry, now)
         for unit in list(self._inflight):
             self._sweep_dispatch(unit, now)
+        self.settle_loose(now - LOOSE_GRACE_NS)
 
     def _check_age(self, entry: Entry, now: int) -> None:
         flags = entry[FLAGS]
@@ -836,6 +867,7 @@ class Ledger:
 
     def finish_all(self) -> None:
         """At process exit, whatever is still pushed has leaked."""
+        self.settle_loose(None)
         for entry in list(self._live.values()):
             self._forget(entry)
             self._report_once("leaked", entry, None, reason="exit")
@@ -864,23 +896,92 @@ class Ledger:
         exc: BaseException,
         parent_unit: Unit | None = None,
     ) -> None:
-        """A proxy lookup failed with no context and the error reached the caller."""
+        """A proxy lookup failed with no context; ``exc`` is the error the caller gets.
+
+        Whether the application catches it is known only later, so the access
+        waits: it is told as ``escaped`` when ``escaped()`` hears of its error (or
+        of one it caused) failing the unit, else as ``handled`` when the unit ends.
+        Only the newest errors of a unit can still fail it: past ``MAX_PENDING``
+        the oldest is told as handled. An access outside any unit is told at the
+        next sweep.
+        """
         thread = self._thread()
         unit = self._unit.get()
-        self._emit(
-            OutOfContextAccess(
-                proxy=proxy,
-                site=site,
-                phase=phase,
-                thread_name=thread.name,
-                exc_type=type(exc).__name__,
-                exc_message=str(exc).split("\n", 1)[0][:200],
-                unit=unit.info() if unit is not None else None,
-                flight=self._flight(thread),
-                at_ns=self._clock(),
-                parent_unit=parent_unit,
-            )
+        capture = self._capture
+        event = OutOfContextAccess(
+            proxy=proxy,
+            site=site,
+            phase=phase,
+            thread_name=thread.name,
+            exc_type=type(exc).__name__,
+            exc_message=str(exc).split("\n", 1)[0][:200],
+            unit=unit.info() if unit is not None else None,
+            flight=self._flight(thread),
+            at_ns=self._clock(),
+            parent_unit=parent_unit,
+            carry=capture() if capture is not None else None,
         )
+        if unit is None or unit.finished:
+            self._loose.append((event, exc))
+            if len(self._loose) > MAX_LOOSE:
+                self.settle_loose(None, keep=MAX_LOOSE)
+            return
+        pending = unit.pending
+        if pending is None:
+            pending = unit.pending = []
+        elif len(pending) >= MAX_PENDING:
+            oldest, _ = pending.pop(0)
+            self._emit(replace(oldest, outcome="handled"))
+        pending.append((event, exc))
+
+    def escaped(self, exc: BaseException) -> None:
+        """``exc`` is failing the running unit: the accesses whose errors led to it escaped."""
+        unit = self._unit.get()
+        pending = unit.pending if unit is not None else None
+        if not pending:
+            return
+        chain = {id(e) for e in causes(exc)}
+        told = [item for item in pending if id(item[1]) in chain]
+        if told:
+            pending[:] = [item for item in pending if id(item[1]) not in chain]
+            for event, _ in told:
+                self._emit(replace(event, outcome="escaped"))
+
+    def settle_now(self) -> None:
+        """Tell what waits, for code that asks while it runs (the pytest plugin's
+        ``ctxtrace_events``): it caught the errors it made so far, so the running
+        unit's accesses were handled; those outside any unit are told as the sweep
+        would tell them."""
+        unit = self._unit.get()
+        if unit is not None and unit.pending:
+            self._settle(unit)
+        self.settle_loose()
+
+    def _settle(self, unit: UnitState) -> None:
+        """The unit ended: the accesses whose errors never failed it were handled."""
+        pending, unit.pending = unit.pending, None
+        for event, _ in pending or ():
+            self._emit(replace(event, outcome="handled"))
+
+    def settle_loose(self, before_ns: int | None = None, keep: int = 0) -> None:
+        """Tell accesses made outside any unit, those before ``before_ns`` (all: None).
+
+        With no unit there is no boundary to watch: the error escaped if it ended
+        the program, or was caught by a framework's frame; it was handled if an
+        application frame caught it (``sites.caught_by_application``).
+        """
+        loose = self._loose
+        told: list[OutOfContextAccess] = []
+        with self._loose_lock:
+            while len(loose) > keep:
+                event, exc = loose[0]
+                if before_ns is not None and event.at_ns > before_ns:
+                    break
+                loose.popleft()
+                handled = sites.caught_by_application(exc)
+                told.append(replace(event, outcome="handled" if handled else "escaped"))
+        for event in told:
+            self._emit(event)
 
     # -- reporting --------------------------------------------------------
 

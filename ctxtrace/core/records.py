@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
 from ctxtrace._config import default_of
-from ctxtrace._events import ANOMALY_KINDS, ContextInfo, Kind, Unit
+from ctxtrace._events import ANOMALY_KINDS, ContextInfo, Kind, OutOfContextAccess, Unit
 from ctxtrace.core.names import safe_name
 
 
@@ -112,6 +112,9 @@ class UnitState:
     dispatch: object = None
     dispatch_app: object = None
     detail: DispatchDetail | None = None
+    # Out-of-context accesses not told yet, with the error each raised: see
+    # ``Ledger.access``.
+    pending: list[tuple[OutOfContextAccess, BaseException]] | None = None
     _id = 0
     _info: Unit | None = None
     # Set when the request context is pushed (read only once ``dispatch`` is a context).

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import site
 import sys
+import sysconfig
 import threading
+from dataclasses import replace
 from types import CodeType, FrameType
 from typing import Final
 
@@ -28,6 +31,9 @@ from ctxtrace._events import Site
 USER: Final = 0
 LIBRARY: Final = 1
 STREAM: Final = 2
+#: Installed packages and the standard library: not the culprit while an
+#: application frame calls them, but named beside it (``Site.via``).
+THIRD_PARTY: Final = 3
 
 
 def _package_dir(module_file: str | None) -> str:
@@ -37,13 +43,26 @@ def _package_dir(module_file: str | None) -> str:
 # The packages whose frames are never the culprit: Flask and the libraries it
 # calls through, and ctxtrace itself. click is here because `flask` CLI pushes
 # go through it before reaching the user's command.
-_LIBRARY_DIRS: Final = tuple(
-    _package_dir(m.__file__) for m in (flask, werkzeug, click, sys.modules[__package__])
-)
+_OWN_DIR: Final = _package_dir(sys.modules[__name__.partition(".")[0]].__file__)
+_LIBRARY_DIRS: Final = (*(_package_dir(m.__file__) for m in (flask, werkzeug, click)), _OWN_DIR)
 _LIBRARY_FILES: Final = (os.path.abspath(contextlib.__file__),)
 # The example shop ships inside the package but is application code: its frames
 # are the culprits that `ctxtrace demo` points at.
-_USER_DIRS: Final = (os.path.join(_LIBRARY_DIRS[-1], "example") + os.sep,)
+_USER_DIRS: Final = (os.path.join(_OWN_DIR, "example") + os.sep,)
+
+
+def _third_party_dirs() -> tuple[str, ...]:
+    """Where installed packages and the standard library live (this interpreter's paths)."""
+    paths = sysconfig.get_paths()
+    names = ("stdlib", "platstdlib", "purelib", "platlib")
+    found = {paths[name] for name in names if name in paths}
+    found.update(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        found.add(site.getusersitepackages())
+    return tuple(sorted(os.path.abspath(p) + os.sep for p in found if p))
+
+
+_THIRD_PARTY_DIRS: Final = _third_party_dirs()
 
 # id(code) -> (code, class, {f_lasti: (USER, site)} for user code).
 _Known = tuple[CodeType, int, dict[int, tuple[int, Site]] | None]
@@ -69,8 +88,13 @@ def _classify(code: CodeType) -> _Known:
         library = (
             absolute.startswith(_LIBRARY_DIRS) and not absolute.startswith(_USER_DIRS)
         ) or absolute in _LIBRARY_FILES
-        klass = LIBRARY if library else USER
-    known: _Known = (code, klass, {} if klass == USER else None)
+        if library:
+            klass = LIBRARY
+        elif absolute.startswith(_THIRD_PARTY_DIRS) and not absolute.startswith(_USER_DIRS):
+            klass = THIRD_PARTY
+        else:
+            klass = USER
+    known: _Known = (code, klass, {} if klass in (USER, THIRD_PARTY) else None)
     if len(_codes) < _MAX_CACHED:
         with _lock:
             known = _codes.setdefault(id(code), known)
@@ -105,12 +129,17 @@ def caller(depth: int) -> tuple[int, Site | None]:
 
     ``depth`` counts from this function's own frame (0), as ``sys._getframe`` does.
 
-    Returns ``(USER, site)`` for user code, ``(STREAM, None)`` when a streaming
-    response is pushing, and ``(LIBRARY, None)`` when every frame is library code.
-    The tuples are cached: the common case allocates nothing.
+    Returns ``(USER, site)`` for application code, ``(STREAM, None)`` when a
+    streaming response is pushing, and ``(LIBRARY, None)`` when every frame is
+    Flask's or ctxtrace's. Installed packages and the standard library are passed
+    over for the first application frame above them; the nearest of them is kept
+    as the site's ``via``. With no application frame at all (an application
+    installed as a package), that nearest one is the site. The tuples are
+    cached: the common case allocates nothing.
     """
     frame: FrameType | None = sys._getframe(depth)
     codes = _codes
+    via: tuple[int, Site] | None = None
     while frame is not None:
         code = frame.f_code
         known = codes.get(id(code)) or _classify(code)
@@ -119,11 +148,16 @@ def caller(depth: int) -> tuple[int, Site | None]:
             # The cache hit is inlined: this runs on every push by user code.
             lines = known[2]
             found = lines.get(frame.f_lasti) if lines is not None else None
-            return found if found is not None else _user_site(frame, known)
-        if klass != LIBRARY:
+            if found is None:
+                found = _user_site(frame, known)
+            return found if via is None else (USER, replace(found[1], via=via[1]))
+        if klass == THIRD_PARTY:
+            if via is None:
+                via = _user_site(frame, known)
+        elif klass != LIBRARY:
             return _STREAM_RESULT
         frame = frame.f_back
-    return _LIBRARY_RESULT
+    return via if via is not None else _LIBRARY_RESULT
 
 
 def is_import_time(depth: int) -> bool:
@@ -144,3 +178,22 @@ def is_import_time(depth: int) -> bool:
                 return True
         frame = frame.f_back
     return False
+
+
+def caught_by_application(exc: BaseException) -> bool:
+    """Whether application code caught ``exc``, judged from its traceback alone.
+
+    For errors raised outside any unit of work, where no boundary is watched:
+    the outermost frame an error has unwound to is the one that caught it (or
+    the one it is passing through). An error that ended the program is
+    ``sys.last_value``; one caught by a library's frame (a server's import of
+    the app, a thread's bootstrap) reached a framework, not the application.
+    """
+    if exc is getattr(sys, "last_value", None):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    code = tb.tb_frame.f_code
+    known = _codes.get(id(code)) or _classify(code)
+    return known[1] == USER

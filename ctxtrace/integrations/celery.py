@@ -19,7 +19,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
-from ctxtrace.integrations.kit import FLUSH_TIMEOUT_S, on_import
+from ctxtrace.integrations.kit import FLUSH_TIMEOUT_S, on_import, tell_escaped
 
 if TYPE_CHECKING:
     from ctxtrace._host import Host, UnitHandle
@@ -48,6 +48,7 @@ class _Receivers:
         s = self.signals
         pairs: list[tuple[Any, Callable[..., None]]] = [
             (s.task_prerun, self.prerun),
+            (s.task_failure, self.failure),
             (s.task_postrun, self.postrun),
             (s.worker_init, self.worker),
             (s.worker_process_init, self.worker),
@@ -87,6 +88,11 @@ class _Receivers:
                     self.running.popitem(last=False)
         except Exception as exc:
             host.errors.record("celery", exc)
+
+    def failure(self, exception: BaseException | None = None, **_: Any) -> None:
+        """Sent in the task's process and thread before ``task_postrun``."""
+        if exception is not None:
+            tell_escaped(self.host, exception, "celery")
 
     def postrun(self, task_id: str | None = None, **_: Any) -> None:
         host = self.host

@@ -17,6 +17,7 @@ import click
 
 from ctxtrace import _worker
 from ctxtrace.core.patching import put_wrapper
+from ctxtrace.integrations.kit import tell_escaped
 
 if TYPE_CHECKING:
     from ctxtrace._host import Host, UnitHandle
@@ -31,7 +32,11 @@ def install(host: Host) -> Callable[[], None]:
                 _begin(host, self, ctx)
             except Exception as exc:
                 host.errors.record("click", exc)
-        return original(self, ctx)
+        try:
+            return original(self, ctx)
+        except BaseException as exc:
+            tell_escaped(host, exc, "click")
+            raise
 
     return put_wrapper(click.Command, "invoke", invoke, original)
 

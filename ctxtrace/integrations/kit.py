@@ -17,13 +17,22 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    pass
+    from ctxtrace._host import Host
 
 Remover = Callable[[], None]
 
 #: How long a unit end may wait for the emitters to hand over what they buffer
 #: (RQ work-horses and Celery pool processes, which exit without running atexit).
 FLUSH_TIMEOUT_S: Final = 5.0
+
+
+def tell_escaped(host: Host, exc: BaseException, component: str) -> None:
+    """Tell the host that ``exc`` is failing the running unit (never raises)."""
+    try:
+        if host.running:
+            host.escaped(exc)
+    except Exception as internal:
+        host.errors.record(component, internal)
 
 
 # -- waiting for a module to be imported --------------------------------------

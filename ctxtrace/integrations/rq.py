@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ctxtrace.core.patching import put_wrapper
-from ctxtrace.integrations.kit import FLUSH_TIMEOUT_S, on_import
+from ctxtrace.integrations.kit import FLUSH_TIMEOUT_S, on_import, tell_escaped
 
 if TYPE_CHECKING:
     from ctxtrace._host import Host
@@ -62,7 +62,33 @@ def _patch(host: Host, rq: ModuleType) -> Callable[[], None]:
             except Exception as exc:
                 host.errors.record("rq", exc)
 
-    return put_wrapper(cls, "perform_job", perform_job, original)
+    remove_unit = put_wrapper(cls, "perform_job", perform_job, original)
+    try:
+        remove_failure = _watch_failures(host, rq)
+    except BaseException:
+        remove_unit()
+        raise
+
+    def remove() -> None:
+        remove_failure()
+        remove_unit()
+
+    return remove
+
+
+def _watch_failures(host: Host, rq: ModuleType) -> Callable[[], None]:
+    """``Job.perform`` raising is the job failing: RQ catches it inside ``perform_job``."""
+    job_class: type[Any] = rq.job.Job
+    original = vars(job_class)["perform"]
+
+    def perform(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except BaseException as exc:
+            tell_escaped(host, exc, "rq")
+            raise
+
+    return put_wrapper(job_class, "perform", perform, original)
 
 
 def _job_name(job: Any) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ctxtrace.core import units
 from ctxtrace.core.patching import put_wrapper
+from ctxtrace.integrations.kit import tell_escaped
 
 if TYPE_CHECKING:
     from ctxtrace._events import Unit
@@ -92,6 +93,9 @@ class _UnitRun:
             return
         try:
             run()
+        except BaseException as exc:
+            tell_escaped(host, exc, "threads")
+            raise
         finally:
             try:
                 units.started_by.leave()

@@ -189,6 +189,8 @@ def _context_fields(info: ContextInfo, prefix: str = "") -> dict[str, Any]:
         f"{prefix}kind": info.kind,
         f"{prefix}site": str(info.site) if info.site is not None else None,
     }
+    if info.site is not None and info.site.via is not None:
+        fields[f"{prefix}library_site"] = str(info.site.via)
     if not prefix:
         fields.update(
             app=info.app,
@@ -311,6 +313,7 @@ class LogEmitter:
         fields.update(
             proxy=event.proxy,
             phase=event.phase,
+            outcome=event.outcome,
             site=site,
             function=event.site.function if event.site is not None else None,
             thread=event.thread_name,
@@ -320,9 +323,14 @@ class LogEmitter:
         )
         if event.parent_unit is not None:
             fields["started_by"] = f"{event.parent_unit.kind}:{event.parent_unit.name}"
+        if event.site is not None and event.site.via is not None:
+            fields["library_site"] = str(event.site.via)
         if suppressed:
             fields["suppressed_since_last"] = suppressed
-        self._logger().warning("ctxtrace.out_of_context_access", **fields)
+        # One the application caught is worth seeing, not worth a warning.
+        log = self._logger()
+        method = log.warning if event.outcome == "escaped" else log.info
+        method("ctxtrace.out_of_context_access", **fields)
 
     def _lifecycle_line(self, event: ContextPushed | ContextPopped) -> None:
         fields = self._common(event)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
-from ctxtrace._events import ANOMALIES, PROXIES, Anomaly, Event, OutOfContextAccess
+from ctxtrace._events import ANOMALIES, OUTCOMES, PROXIES, Anomaly, Event, OutOfContextAccess
 from ctxtrace._version import VERSION
 from ctxtrace.core.counters import read_count
 from ctxtrace.core.guard import run_within
@@ -226,7 +226,7 @@ class MetricsEmitter:
             info = event.context
             self.anomalies.add((event.name, info.kind, self._app(info.app)))
         elif isinstance(event, OutOfContextAccess):
-            self.accesses.add((event.proxy, event.phase))
+            self.accesses.add((event.proxy, event.phase, event.outcome))
 
     def _app(self, app: str) -> str:
         if app in self._apps:
@@ -431,11 +431,13 @@ class MetricsEmitter:
 
     def observe_accesses(self, options: CallbackOptions) -> Iterable[Observation]:
         worker = self._host.worker
-        counts: dict[tuple[str, ...], int] = {(p, ph): 0 for p in PROXIES for ph in PHASES}
+        counts: dict[tuple[str, ...], int] = {
+            (p, ph, o): 0 for p in PROXIES for ph in PHASES for o in OUTCOMES
+        }
         counts.update(self.accesses.items())
         return [
-            Observation(n, {"proxy": p, "phase": ph, "worker": worker})
-            for (p, ph), n in counts.items()
+            Observation(n, {"proxy": p, "phase": ph, "outcome": o, "worker": worker})
+            for (p, ph, o), n in counts.items()
         ]
 
     def observe_errors(self, options: CallbackOptions) -> Iterable[Observation]:

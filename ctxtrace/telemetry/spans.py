@@ -381,6 +381,7 @@ class SpanEmitter:
             "exception.stacktrace": _exception_stacktrace(event),
             "ctxtrace.proxy": event.proxy,
             "ctxtrace.phase": event.phase,
+            "ctxtrace.access.outcome": event.outcome,
             "ctxtrace.worker.id": self._host.worker,
             "thread.name": event.thread_name,
         }
@@ -389,14 +390,22 @@ class SpanEmitter:
             attributes["code.function.name"] = site.function
             attributes["code.file.path"] = site.file
             attributes["code.line.number"] = site.line
+            if site.via is not None:
+                attributes["ctxtrace.library_site"] = str(site.via)
         when = self._epoch(event.at_ns)
-        current = trace.get_current_span()
+        # The span that was current at the access: its outcome is told later (a
+        # handled one when its unit ends), when that span may have ended.
+        parent = tracecarry.otel_part(event.carry)
+        current = trace.get_current_span(parent)
         if current.is_recording():
             current.add_event(ACCESS_SPAN, attributes=attributes, timestamp=when)
             return
         tracer = self._tracer_now()
         if tracer is None:
             return
-        span = tracer.start_span(ACCESS_SPAN, attributes=attributes, start_time=when)
-        span.set_status(Status(StatusCode.ERROR, event.exc_message))
+        span = tracer.start_span(
+            ACCESS_SPAN, context=parent, attributes=attributes, start_time=when
+        )
+        if event.outcome == "escaped":
+            span.set_status(Status(StatusCode.ERROR, event.exc_message))
         span.end(end_time=when)

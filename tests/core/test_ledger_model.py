@@ -254,7 +254,17 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(t=st.integers(0, THREADS - 1))
     def access(self, t: int) -> None:
-        ok, _ = self._run(t, lambda: current_app.name)
+        agent = self.agent
+
+        def job() -> str:
+            try:
+                return current_app.name
+            except RuntimeError as exc:
+                # The worker's loop is the unit's boundary: the error escaped to it.
+                agent.escaped(exc)
+                raise
+
+        ok, _ = self._run(t, job)
         empty = not self.model.stacks[t]
         assert ok != empty
         accesses = self.recorder.accesses()

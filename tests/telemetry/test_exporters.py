@@ -169,6 +169,7 @@ class TestPrometheusEndpoint:
         _double_pop(app)
         with pytest.raises(RuntimeError):
             current_app.name  # noqa: B018 - the failed access is the point
+        agent.ledger.settle_now()  # outside any unit: told at the sweep, or now
 
         target = tmp_path / _prometheus.target_file_name(agent.worker)
         assert json.loads(target.read_text()) == [
@@ -210,7 +211,8 @@ class TestPrometheusEndpoint:
             "ctxtrace_anomalies_total", anomaly="double_pop", kind="app", app="shop"
         ) == 1
         assert sample(
-            "ctxtrace_out_of_context_access_total", proxy="current_app", phase="runtime"
+            "ctxtrace_out_of_context_access_total", proxy="current_app", phase="runtime",
+            outcome="handled",
         ) == 1
         assert sample("ctxtrace_dropped_total", what="context") == 0
 

@@ -13,6 +13,7 @@ import structlog
 from flask import Flask, current_app, g, session
 
 import ctxtrace
+from ctxtrace import _agent
 from ctxtrace.telemetry.logs import RateLimiter
 
 from .._support import clear_flask_stacks
@@ -73,15 +74,39 @@ def test_anomaly_line_names_level_and_fields(
 
 
 def test_out_of_context_access_line(capsys: pytest.CaptureFixture[str]) -> None:
-    """An access outside any context is a WARNING with proxy, phase and site."""
+    """An access whose error fails its unit is a WARNING with proxy, phase, outcome and site."""
     assert ctxtrace.instrument(metrics="none")
+    agent = _agent.current()
+    assert agent is not None
+    handle = agent.begin_unit("task", "nightly")
     with pytest.raises(RuntimeError):
-        current_app.config  # noqa: B018
+        try:
+            current_app.config  # noqa: B018
+        except RuntimeError as exc:
+            agent.escaped(exc)  # as an integration does when the task fails with it
+            raise
+    agent.end_unit(handle)
     ctxtrace.uninstrument()
     [line] = [x for x in _json_lines(capsys.readouterr().err) if x["event"].startswith("ctxtrace.")]
     assert (line["event"], line["level"]) == ("ctxtrace.out_of_context_access", "warning")
-    assert (line["proxy"], line["phase"]) == ("current_app", "runtime")
+    assert (line["proxy"], line["phase"], line["outcome"]) == ("current_app", "runtime", "escaped")
     assert "test_logs.py" in line["site"]
+
+
+def test_a_handled_access_is_an_info_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """An access the application caught (a fallback) is logged at INFO, told when its unit
+    ends."""
+    assert ctxtrace.instrument(metrics="none")
+    agent = _agent.current()
+    assert agent is not None
+    handle = agent.begin_unit("task", "nightly")
+    with contextlib.suppress(RuntimeError):
+        current_app.config  # noqa: B018
+    assert "ctxtrace.out_of_context_access" not in capsys.readouterr().err
+    agent.end_unit(handle)
+    ctxtrace.uninstrument()
+    [line] = [x for x in _json_lines(capsys.readouterr().err) if x["event"].startswith("ctxtrace.")]
+    assert (line["level"], line["outcome"], line["unit"]) == ("info", "handled", "task:nightly")
 
 
 def test_rate_limit_first_then_summary() -> None:

@@ -101,6 +101,7 @@ def test_every_metric_and_label(
             ctx.pop()
     with pytest.raises(RuntimeError):
         current_app.name  # noqa: B018 - the failed access is the point
+    agent.ledger.settle_now()  # outside any unit: told at the sweep, or now
     contexts = [app.app_context() for _ in range(17)]
     for ctx in contexts:
         ctx.push()
@@ -115,7 +116,7 @@ def test_every_metric_and_label(
         "ctxtrace.contexts.active": {"kind", "app", "worker"},
         "ctxtrace.context.depth_max": {"worker"},
         "ctxtrace.anomalies": {"anomaly", "kind", "app", "worker"},
-        "ctxtrace.out_of_context_access": {"proxy", "phase", "worker"},
+        "ctxtrace.out_of_context_access": {"proxy", "phase", "outcome", "worker"},
         "ctxtrace.internal_errors": {"component", "worker"},
         "ctxtrace.dropped": {"what", "worker"},
     }
@@ -138,9 +139,12 @@ def test_every_metric_and_label(
     for anomaly in ANOMALIES:
         if anomaly != "double_pop":
             assert value(points, "ctxtrace.anomalies", anomaly=anomaly, kind="app", app="shop") == 0
-    access = value(points, "ctxtrace.out_of_context_access", proxy="current_app", phase="runtime")
+    access = value(
+        points, "ctxtrace.out_of_context_access", proxy="current_app", phase="runtime",
+        outcome="handled",
+    )
     assert access == 1
-    assert len(points["ctxtrace.out_of_context_access"]) == len(PROXIES) * 2
+    assert len(points["ctxtrace.out_of_context_access"]) == len(PROXIES) * 2 * 2
     # One failure per event the failing emitter saw: 2 double pops and 1 access.
     assert value(points, "ctxtrace.internal_errors", component="boom") == 3
     assert value(points, "ctxtrace.dropped", what="context") == 1
@@ -208,7 +212,10 @@ def test_exact_under_eight_threads(
     assert value(points, "ctxtrace.context.duration", kind="request", app="shop").count == requests
     double_pops = value(points, "ctxtrace.anomalies", anomaly="double_pop", kind="app", app="shop")
     assert double_pops == requests
-    access = value(points, "ctxtrace.out_of_context_access", proxy="current_app", phase="runtime")
+    access = value(
+        points, "ctxtrace.out_of_context_access", proxy="current_app", phase="runtime",
+        outcome="handled",
+    )
     assert access == requests
     assert value(points, "ctxtrace.dropped", what="duration") == 0
 

@@ -317,8 +317,17 @@ class TestOutOfContextAccess:
         instrumented(metrics="none")
         tracer_provider, exporter = provider
         tracer = tracer_provider.get_tracer("job")
+        agent = _agent.current()
+        assert agent is not None
         with tracer.start_as_current_span("nightly-job"), pytest.raises(RuntimeError):
-            current_app.name  # noqa: B018 - the failed access is the point
+            handle = agent.begin_unit("task", "nightly")
+            try:
+                current_app.name  # noqa: B018 - the failed access is the point
+            except RuntimeError as exc:
+                agent.escaped(exc)  # as an integration does when the task fails with it
+                raise
+            finally:
+                agent.end_unit(handle)
         spans = exporter.get_finished_spans()
         assert [s.name for s in spans] == ["nightly-job"], [
             (s.name, dict(s.attributes or {})) for s in spans
@@ -332,20 +341,46 @@ class TestOutOfContextAccess:
         assert str(attributes["exception.stacktrace"]).startswith("Traceback")
         assert attributes["ctxtrace.proxy"] == "current_app"
         assert attributes["ctxtrace.phase"] == "runtime"
+        assert attributes["ctxtrace.access.outcome"] == "escaped"
         assert attributes["code.file.path"] == __file__
 
     def test_own_short_span_otherwise(
         self, instrumented: Any, exporter: InMemorySpanExporter
     ) -> None:
-        """With no recording span, the access makes a span of its own, ERROR."""
+        """With no recording span, the access makes a span of its own; ERROR only when the
+        error escaped."""
         instrumented(metrics="none")
+        agent = _agent.current()
+        assert agent is not None
         with pytest.raises(RuntimeError):
             current_app.name  # noqa: B018 - the failed access is the point
+        agent.ledger.settle_now()  # outside any unit: told at the sweep, or now
         (span,) = exporter.get_finished_spans()
         assert span.name == "ctxtrace.out_of_context_access"
-        assert span.status.status_code == StatusCode.ERROR
-        assert dict(span.attributes or {})["exception.type"] == "RuntimeError"
+        assert span.status.status_code == StatusCode.UNSET
+        attributes = dict(span.attributes or {})
+        assert attributes["exception.type"] == "RuntimeError"
+        assert attributes["ctxtrace.access.outcome"] == "handled"
         assert span.start_time == span.end_time
+
+    def test_a_handled_access_joins_the_trace_it_happened_in(
+        self, instrumented: Any, provider: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> None:
+        """Told when its unit ends, after the surrounding span ended: a child span of it."""
+        instrumented(metrics="none")
+        tracer_provider, exporter = provider
+        tracer = tracer_provider.get_tracer("job")
+        agent = _agent.current()
+        assert agent is not None
+        handle = agent.begin_unit("task", "nightly")
+        with tracer.start_as_current_span("lookup"), contextlib.suppress(RuntimeError):
+            current_app.name  # noqa: B018 - the failed access is the point
+        agent.end_unit(handle)
+        by_name = {s.name: s for s in exporter.get_finished_spans()}
+        access, lookup = by_name["ctxtrace.out_of_context_access"], by_name["lookup"]
+        assert access.parent is not None and lookup.context is not None
+        assert access.parent.span_id == lookup.context.span_id
+        assert dict(access.attributes or {})["ctxtrace.access.outcome"] == "handled"
 
 
 def test_log_lines_carry_the_trace(
@@ -371,5 +406,8 @@ def test_no_trace_no_ids(instrumented: Any, app: Flask, capsys: pytest.CaptureFi
     capsys.readouterr()
     with pytest.raises(RuntimeError):
         current_app.name  # noqa: B018 - the failed access is the point
+    agent = _agent.current()
+    assert agent is not None
+    agent.ledger.settle_now()  # outside any unit: told at the sweep, or now
     (line,) = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert "trace_id" not in line and "span_id" not in line
