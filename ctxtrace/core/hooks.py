@@ -117,6 +117,13 @@ class Hooks:
                 original = object.__getattribute__(proxy, "_get_current_object")
                 hooked = self._hook_lookup(original, name)
                 planned.append(Patch(proxy, "_get_current_object", hooked, slot=True))
+            # Where ``from flask import copy_current_request_context`` finds it
+            # from now on; a module that imported it before keeps Flask's own.
+            copier = self._wrap_copier(vars(flask.ctx)["copy_current_request_context"])
+            planned += [
+                Patch(module, "copy_current_request_context", copier)
+                for module in (flask.ctx, flask)
+            ]
         done: list[Patch] = []
         try:
             for patch in planned:
@@ -655,6 +662,25 @@ class Hooks:
 
         copy_names(_get_current_object, original)
         return _get_current_object
+
+    def _wrap_copier(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        """``copy_current_request_context`` applied with no request to copy (in the
+        pool task rather than before submitting it) is an access to the request context."""
+        hooks = self
+
+        def copy_current_request_context(f: Any) -> Any:
+            try:
+                return original(f)
+            except RuntimeError as exc:
+                if hooks.active:
+                    try:
+                        hooks._failed_lookup("request_ctx", exc, _ABOVE_WRAPPER)
+                    except Exception as internal:
+                        hooks.errors.record("hooks", internal)
+                raise
+
+        copy_names(copy_current_request_context, original)
+        return copy_current_request_context
 
     def _failed_lookup(self, proxy: str, exc: RuntimeError, above: int) -> None:
         """A lookup failed; ``above`` frames up from here is the code that made it."""

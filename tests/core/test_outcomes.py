@@ -1,0 +1,151 @@
+"""An access whose RuntimeError the application caught is told apart from one that
+escaped to its unit's boundary: a request's 500, a thread's end, a command's failure."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from string import Template
+from typing import Any
+
+import click
+import flask
+import pytest
+from click.testing import CliRunner
+from flask import Flask, current_app, g, request
+
+from .._support import Recorder, line_of
+
+HERE = __file__
+WsgiApp = Callable[[dict[str, Any], Any], Any]
+
+
+def _told(recorder: Recorder) -> list[tuple[str, str | None]]:
+    return [(a.outcome, a.unit.kind if a.unit else None) for a in recorder.accesses()]
+
+
+class ConfigReader:
+    """WSGI middleware that reads the app's config before Flask pushes a context (a
+    classic fault): ``fallback`` catches the error, else it fails the request."""
+
+    def __init__(self, wsgi_app: WsgiApp, fallback: bool) -> None:
+        self.wsgi_app = wsgi_app
+        self.fallback = fallback
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        try:
+            environ["budget"] = current_app.config.get("BUDGET", 1)
+        except RuntimeError as exc:
+            if not self.fallback:
+                raise
+            environ["budget_error"] = exc
+        return self.wsgi_app(environ, start_response)
+
+
+@pytest.mark.parametrize(("fallback", "outcome"), [(True, "handled"), (False, "escaped")])
+def test_middleware_fallback_or_failure(instrumented: Any, fallback: bool, outcome: str) -> None:
+    """The same access in a request's middleware: caught, or failing the request."""
+    recorder: Recorder = instrumented()
+    app = Flask("outcomes")
+    app.route("/")(lambda: "ok")
+    app.wsgi_app = ConfigReader(app.wsgi_app, fallback)  # type: ignore[method-assign]
+    client = app.test_client()
+    if fallback:
+        assert client.get("/").data == b"ok"
+    else:
+        with pytest.raises(RuntimeError):
+            client.get("/")
+    assert _told(recorder) == [(outcome, "request")]
+
+
+def test_an_error_raised_from_a_caught_access_makes_it_escape(instrumented: Any) -> None:
+    """A view that fails (a 500) with an error raised from the access's error: escaped,
+    through Flask's got_request_exception."""
+    recorder: Recorder = instrumented()
+    app = Flask("outcomes")
+
+    @app.route("/")
+    def view() -> str:
+        cause = request.environ.get("budget_error")
+        if cause is not None:
+            raise LookupError("no budget configured") from cause
+        return "ok"
+
+    app.wsgi_app = ConfigReader(app.wsgi_app, fallback=True)  # type: ignore[method-assign]
+    assert app.test_client().get("/").status_code == 500
+    assert _told(recorder) == [("escaped", "request")]
+
+
+@pytest.mark.parametrize(("catch", "outcome"), [(True, "handled"), (False, "escaped")])
+def test_a_thread_that_catches_or_dies(
+    instrumented: Any, catch: bool, outcome: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread's access: caught inside it, or ending the thread with the error."""
+    recorder: Recorder = instrumented()
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the dying thread's print
+
+    def job() -> None:
+        try:
+            g.setdefault("mail", 1)
+        except RuntimeError:
+            if not catch:
+                raise
+
+    worker = threading.Thread(target=job, name="mailer")
+    worker.start()
+    worker.join()
+    assert _told(recorder) == [(outcome, "thread")]
+
+
+@pytest.mark.parametrize(("catch", "outcome"), [(True, "handled"), (False, "escaped")])
+def test_a_command_that_catches_or_fails(instrumented: Any, catch: bool, outcome: str) -> None:
+    """A click command's access: a fallback, or the command failing with it."""
+    recorder: Recorder = instrumented()
+
+    @click.command("report-config")
+    def report_config() -> None:
+        try:
+            click.echo(current_app.config["DEBUG"])
+        except RuntimeError:
+            if not catch:
+                raise
+            click.echo("no app")
+
+    result = CliRunner().invoke(report_config, [])
+    assert (result.exit_code == 0) == catch
+    assert _told(recorder) == [(outcome, "command")]
+
+
+def test_the_site_is_the_applications_line_with_the_librarys_beside_it(
+    instrumented: Any,
+) -> None:
+    """A proxy read inside an installed library (here the standard library's
+    string.Template): the site is the application's line, the library's is ``via``."""
+    recorder: Recorder = instrumented()
+    with pytest.raises(RuntimeError):
+        Template("$user").substitute(g)  # site: through a library
+    [access] = recorder.accesses()
+    assert access.site is not None and access.site.via is not None
+    assert (access.site.file, access.site.line) == (HERE, line_of(HERE, "through a library"))
+    assert access.site.via.file.endswith("string.py")
+
+
+def test_copy_current_request_context_with_no_request_is_an_access(instrumented: Any) -> None:
+    """Applied inside the pool task instead of before submitting it: Flask's error goes to
+    the Future as before, and the access is reported at the task's line."""
+    recorder: Recorder = instrumented()
+    app = Flask("copier")
+
+    def task() -> str:
+        # Looked up now, as code that imports it after ctxtrace started finds it.
+        return flask.copy_current_request_context(lambda: "sent")()  # site: copier in the task
+
+    with app.test_request_context("/"), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(task)
+        with pytest.raises(RuntimeError, match="copy_current_request_context"):
+            future.result(10)
+    [access] = recorder.accesses()
+    assert access.proxy == "request_ctx"
+    assert access.site is not None
+    assert (access.site.file, access.site.line) == (HERE, line_of(HERE, "copier in the task"))
