@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from ctxtrace import _signals, _worker, integrations
-from ctxtrace._config import Config, ConfigError
+from ctxtrace._config import Config, ConfigError, shown
 from ctxtrace._events import Event, Kind, Site, Unit
 from ctxtrace._host import UnitHandle
 from ctxtrace.core import flaskshape
@@ -315,13 +315,12 @@ def start(
             return None
         try:
             config = Config.resolve(arguments, app_config, os.environ)
+            if config.enabled:
+                _check_at_start(config)
         except ConfigError as exc:
             if exc.source != "environment":
                 raise
-            log_line(
-                "error", "ctxtrace.config_error", key=exc.key, value=repr(exc.value)[:80],
-                allowed=exc.allowed, note="ctxtrace stays off; the application runs",
-            )
+            _log_config_error(exc)
             return None
         if not config.enabled:
             return None
@@ -329,6 +328,50 @@ def start(
         agent.start()
         _agent = agent
         return agent
+
+
+#: Environment errors logged already: the environment is the same at every
+#: ``instrument()`` call of a process, and one line says it.
+_config_errors_logged: set[tuple[str, str]] = set()
+
+
+def _log_config_error(exc: ConfigError) -> None:
+    seen = (exc.key, shown(exc.value))
+    if seen in _config_errors_logged or len(_config_errors_logged) >= 64:
+        return
+    _config_errors_logged.add(seen)
+    log_line(
+        "error", "ctxtrace.config_error", key=exc.key, value=shown(exc.value),
+        allowed=exc.allowed, source=exc.source,
+        note="ctxtrace stays off; the application runs",
+    )
+
+
+def _check_at_start(config: Config) -> None:
+    """Values that parse but cannot work here: found now, named, not at first use.
+
+    Raises ``ConfigError`` with the source of the value (an environment error
+    switches ctxtrace off with one line, like a value that does not parse).
+    """
+    folder = config.prometheus_targets_dir
+    if folder and config.metrics == "prometheus":
+        # Imported here: the Prometheus exporter is only needed when it is used.
+        from ctxtrace.telemetry.prometheus import UnsafeFolder, check_folder  # noqa: PLC0415
+
+        key = "CTXTRACE_PROMETHEUS_TARGETS_DIR"
+        source = config.sources.get("prometheus_targets_dir", "argument")
+        try:
+            check_folder(folder)
+        except UnsafeFolder as warning:
+            log_line(
+                "warning", "ctxtrace.targets_dir_unsafe", key=key, value=shown(folder),
+                reason=str(warning),
+            )
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError(
+                key, folder, f"a directory ctxtrace can create and write ({reason})", source
+            ) from exc
 
 
 def stop() -> bool:
