@@ -377,6 +377,8 @@ def build_metrics(
 
                     endpoint, pull = serve(worker, config)
                     readers.append(pull)
+                    if endpoint.file_error is not None:
+                        record(component, endpoint.file_error)
                 continue
             exporter = GuardedMetricExporter(
                 load_exporter(name, "metrics", environ)(), component, record
