@@ -41,6 +41,7 @@ from ctxtrace._events import (
 from ctxtrace._version import VERSION
 from ctxtrace.core.counters import read_count
 from ctxtrace.core.guard import run_within
+from ctxtrace.core.names import safe_name
 from ctxtrace.telemetry import providers, tracecarry
 
 if TYPE_CHECKING:
@@ -347,7 +348,8 @@ class SpanEmitter:
                 attributes["code.file.path"] = site.file
                 attributes["code.line.number"] = site.line
         if route is not None:
-            attributes["http.route"] = route
+            # The app's URL rule: its text, cleaned like every name (longer bound).
+            attributes["http.route"] = safe_name(route, 512)
         return attributes
 
     @staticmethod
