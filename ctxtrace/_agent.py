@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from ctxtrace import _signals, _worker, integrations
+from ctxtrace import _worker, integrations
 from ctxtrace._config import Config, ConfigError, shown
 from ctxtrace._events import Event, Kind, Site, Unit
 from ctxtrace._host import UnitHandle
@@ -211,14 +211,18 @@ class Agent:
                 emitter.stop(1.0)
             raise
         self._start_watchdog()
-        # An unhandled SIGTERM would end the process without atexit: flush first.
-        _signals.install(self.at_exit)
+        # No SIGTERM handler, ever: where SIGTERM has its default disposition the
+        # process must die at once (a Python handler runs only between bytecodes,
+        # so one would delay death until a long C call returns), and
+        # ``signal.getsignal`` must answer what the application set. Servers that
+        # handle SIGTERM (gunicorn, Celery, RQ) exit through ``sys.exit``, where
+        # the atexit handler flushes; a process killed by the default SIGTERM
+        # loses what the exporters still buffer (README, "Reliability and security").
         # Tasks, jobs, commands and threads as units; each one fails alone.
         self.integrations = integrations.install_all(self)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self.stopped = True
-        _signals.uninstall()
         integrations.uninstall_all(self, self.integrations)
         self.integrations = []
         self.hooks.uninstall()

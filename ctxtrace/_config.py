@@ -95,7 +95,7 @@ def _seconds_or_off(value: object, floor: float = 0.0) -> float | None:
         value = float(value.strip())
     if not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError
-    if not (0 < value and floor <= value <= _YEAR_S):
+    if not (value > 0 and floor <= value <= _YEAR_S):
         raise ValueError
     return float(value)
 

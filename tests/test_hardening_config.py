@@ -51,7 +51,7 @@ def test_numbers_are_ascii_digits_only(key: str, raw: str) -> None:
 @pytest.mark.parametrize("raw", ["1e-9", "0.000001", "0.005"])
 def test_the_sweep_interval_has_a_floor(raw: str) -> None:
     """An interval that would spin the watchdog is refused."""
-    with pytest.raises(ConfigError, match="seconds >= 0.01"):
+    with pytest.raises(ConfigError, match=r"seconds >= 0\.01"):
         Config.resolve({}, {}, {"CTXTRACE_SWEEP_INTERVAL": raw})
     assert Config.resolve({}, {}, {"CTXTRACE_SWEEP_INTERVAL": "0.01"}).sweep_interval == 0.01
 

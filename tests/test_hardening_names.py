@@ -8,6 +8,7 @@ than the bound.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -71,10 +72,8 @@ def _nasty_app() -> Flask:
         ctx = app.app_context()
         ctx.push()
         ctx.pop()
-        try:
-            ctx.pop()  # a double pop, reported with the request as its unit
-        except (AssertionError, LookupError, RuntimeError, ValueError):
-            pass
+        with contextlib.suppress(AssertionError, LookupError, RuntimeError, ValueError):
+            ctx.pop()  # a double pop, found in the request
         return "ok"
 
     app.add_url_rule("/twice", endpoint=ENDPOINT, view_func=popped_twice)
@@ -142,7 +141,9 @@ def test_nasty_names_reach_no_channel_raw(
     spans = telemetry.get_finished_spans()
     assert spans
     texts = [str(v) for span in spans for v in (span.attributes or {}).values()]
-    texts += [str(v) for span in spans for ev in span.events for v in (ev.attributes or {}).values()]
+    texts += [
+        str(v) for span in spans for ev in span.events for v in (ev.attributes or {}).values()
+    ]
     _assert_clean(texts, "spans")
     assert any(
         (span.attributes or {}).get("flask.endpoint") == safe_name(ENDPOINT) for span in spans
@@ -174,7 +175,8 @@ def test_the_text_report_escapes_what_it_prints(tmp_path: Path) -> None:
     """A log line with escapes in its fields: the report shows them escaped, never raw."""
     line = {
         "event": "ctxtrace.leaked", "anomaly": "leaked", "level": "error",
-        "site": "endpoint:" + NASTY, "function": "view" + NASTY, "worker": "web\x1b]0;x\x07:1:gunicorn",
+        "site": "endpoint:" + NASTY, "function": "view" + NASTY,
+        "worker": "web\x1b]0;x\x07:1:gunicorn",
         "context_id": 1, "kind": "app", "app": "shop", "pid": 1,
         "timestamp": "2026-12-01T10:00:00Z",
     }
