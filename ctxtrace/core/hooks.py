@@ -273,6 +273,7 @@ class Hooks:
         tracks_dispatch = self.ledger.tracks_dispatch
 
         def push(self: Any) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self)
             try:
@@ -311,6 +312,7 @@ class Hooks:
         merged = fixed_kind is None
 
         def push(self: Any) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self)
             try:
@@ -369,6 +371,7 @@ class Hooks:
         app_only = fixed_kind == "app"
 
         def push(self: Any, *args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self, *args, **kwargs)
             try:
@@ -450,6 +453,7 @@ class Hooks:
         carries_requests = slot == ledger.request_slot
 
         def pop(self: Any, exc: Any = exc_default) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self, exc)
             try:
@@ -495,6 +499,7 @@ class Hooks:
         count = self.shape.push_count
 
         def pop(self: Any, *args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self, *args, **kwargs)
             try:
@@ -541,6 +546,7 @@ class Hooks:
         repair = self.repair
 
         def wrapper(self: Any, environ: Any, start_response: Any) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self, environ, start_response)
             try:
@@ -625,6 +631,7 @@ class Hooks:
         hooks = self
 
         def _get_current_object() -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             try:
                 return original()
             except RuntimeError as exc:
