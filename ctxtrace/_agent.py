@@ -155,7 +155,14 @@ class Agent:
     def set_role(self, role: str) -> None:
         if _worker.role() != role:
             _worker.set_role(role)
-            self.worker = _worker.worker_id()
+            self.refresh_worker()
+
+    def refresh_worker(self) -> None:
+        """The ``worker`` label again, from what is known now; a change follows everywhere."""
+        worker = _worker.worker_id()
+        if worker != self.worker:
+            self.worker = worker
+            self.renamed()
 
     def snapshot(self) -> list[StatsSnapshot]:
         return self.ledger.snapshot()
@@ -168,6 +175,16 @@ class Agent:
 
     def dropped(self) -> dict[str, int]:
         return {"context": read_count(self.ledger.dropped_contexts), "log": self.logs.dropped}
+
+    def renamed(self) -> None:
+        """``worker`` changed (the process's role became known): emitters that publish it follow."""
+        for emitter in self._with_telemetry():
+            hook = getattr(emitter, "renamed", None)
+            if hook is not None:
+                try:
+                    hook()
+                except Exception as exc:
+                    self.errors.record(emitter.name, exc)
 
     def _dispatch(self, event: Event) -> None:
         if self.stopped:
@@ -394,6 +411,8 @@ def _after_fork_in_child() -> None:
     global _lock
     # The lock may have been held by another thread at fork time.
     _lock = threading.RLock()
+    # Before the agent recomputes its identity: a gunicorn master's child is a worker.
+    _worker.forked()
     if _agent is not None:
         _agent.after_fork()
 
