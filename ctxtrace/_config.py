@@ -281,7 +281,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "prometheus_targets_dir", _folder, "",
         "a path to a directory ctxtrace can create or write, or empty for none",
-        "Folder where each worker writes its Prometheus file_sd target file.",
+        "Folder where each worker writes its Prometheus file_sd target file (~ is the home"
+        " folder; checked, and made if missing, at start-up).",
     ),
 )
 _BY_NAME: Final = {o.name: o for o in OPTIONS}
