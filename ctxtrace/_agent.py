@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -374,6 +375,17 @@ def _check_at_start(config: Config) -> None:
     Raises ``ConfigError`` with the source of the value (an environment error
     switches ctxtrace off with one line, like a value that does not parse).
     """
+    if config.metrics == "prometheus":
+        host = config.prometheus_host
+        try:
+            # The endpoint's own lookup, done first: a name that does not resolve
+            # would otherwise fail later as an internal error naming no variable.
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(
+                "CTXTRACE_PROMETHEUS_HOST", host, "an address or host name this machine resolves",
+                config.sources.get("prometheus_host", "argument"),
+            ) from exc
     folder = config.prometheus_targets_dir
     if folder and config.metrics == "prometheus":
         # Imported here: the Prometheus exporter is only needed when it is used.

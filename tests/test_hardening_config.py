@@ -127,3 +127,12 @@ def test_a_bad_environment_variable_is_logged_once_per_process(
         assert not ctxtrace.instrument()
     lines = [x for x in _lines(capsys.readouterr().err) if x["event"] == "ctxtrace.config_error"]
     assert len(lines) == 1
+
+
+def test_a_host_that_does_not_resolve_is_a_config_error(no_agent: None) -> None:
+    """Well formed but unknown here: refused at start, naming the variable."""
+    with pytest.raises(ConfigError) as info:
+        ctxtrace.instrument(metrics="prometheus", prometheus_host="no-such-host.invalid")
+    assert info.value.key == "CTXTRACE_PROMETHEUS_HOST"
+    assert "resolves" in info.value.allowed
+    assert not ctxtrace.is_instrumented()
