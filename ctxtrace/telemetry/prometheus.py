@@ -94,7 +94,10 @@ def target_file_name(worker: str) -> str:
 def _open_small_file(path: Path) -> int | None:
     """A descriptor of ``path`` if it is a small regular file (no link followed, no wait)."""
     try:
-        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+        # Not even opened unless it is a regular file (a device's open can act).
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        # O_NONBLOCK: should it have become a FIFO since, opening it must not wait.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
