@@ -42,8 +42,8 @@ from ctxtrace._version import VERSION
 from ctxtrace.core.counters import read_count
 from ctxtrace.core.guard import run_within
 from ctxtrace.core.names import safe_name
-from ctxtrace.telemetry.logs import log_line
 from ctxtrace.telemetry import providers, tracecarry
+from ctxtrace.telemetry.logs import log_line
 
 if TYPE_CHECKING:
     from ctxtrace._host import Host

@@ -24,7 +24,7 @@ from ctxtrace.telemetry import prometheus as _prometheus
 from ctxtrace.telemetry import spans as _spans
 
 from .._otlp import Receiver
-from .._servers import REPO, wait_until
+from .._servers import REPO
 
 OTEL_ENV = (
     "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",

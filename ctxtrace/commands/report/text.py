@@ -7,7 +7,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-from ctxtrace.core.names import printable
 from ctxtrace.commands.report.model import (
     FIXES,
     Explain,
@@ -16,6 +15,7 @@ from ctxtrace.commands.report.model import (
     anomaly_rank,
     explain,
 )
+from ctxtrace.core.names import printable
 
 
 def short_site(site: str, base: Path | None = None) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ._servers import REPO, free_port, stop, wait_until
+from .._servers import REPO, free_port, stop, wait_until
 
 BIN = Path(sys.executable).parent
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from ctxtrace import _prometheus
+from ctxtrace.telemetry import prometheus as _prometheus
 
 IDLE = 400
 SLOW = 50

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from ctxtrace import _agent, _metrics
+from ctxtrace import _agent
+from ctxtrace.telemetry import metrics as _metrics
 
-from ._otlp import Receiver
+from .._otlp import Receiver
 
 SPANS = 200
 QUEUE = 20
@@ -73,7 +74,7 @@ def test_queue_drops_are_counted_and_said_once(
 
 
 def _span_drops(agent: Any) -> int:
-    from ctxtrace import _spans  # noqa: PLC0415
+    from ctxtrace.telemetry import spans as _spans  # noqa: PLC0415
 
     emitter = next(e for e in agent.emitters if isinstance(e, _spans.SpanEmitter))
     return int(emitter.dropped)
@@ -98,7 +99,7 @@ def test_the_applications_own_queue_still_logs(
         InMemorySpanExporter,
     )
 
-    from ctxtrace import _sdk_providers  # noqa: PLC0415 - installs the filter when used
+    from ctxtrace.telemetry import sdk_providers as _sdk_providers  # noqa: PLC0415
 
     _sdk_providers.CountingSpanProcessor(InMemorySpanExporter(), lambda: None).shutdown()
     release = threading.Event()

@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
-from ctxtrace import _agent, _metrics, _prometheus
+from ctxtrace import _agent
+from ctxtrace.telemetry import metrics as _metrics
+from ctxtrace.telemetry import prometheus as _prometheus
 
-from ._servers import REPO
+from .._servers import REPO
 
 OTEL_ENV = ("OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_SERVICE_NAME")
 
@@ -82,9 +84,8 @@ def test_temp_file_is_not_written_through_a_planted_link(
 
 
 def _prometheus_roles() -> tuple[str, ...]:
-    from ctxtrace._worker import ROLES  # noqa: PLC0415 - only for the names
-
-    return ROLES
+    """Every role a worker id can carry (README, "Metrics")."""
+    return ("gunicorn", "gunicorn-master", "celery", "rq", "cli", "process")
 
 
 _START = textwrap.dedent(
@@ -145,7 +146,7 @@ _OTHER_NAMESPACE = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from prometheus_client import CollectorRegistry
-    from ctxtrace import _prometheus
+    from ctxtrace.telemetry import prometheus as _prometheus
     # A worker in another PID namespace: its pid (argv[2]) names no process here.
     endpoint = _prometheus.bind(CollectorRegistry(), "127.0.0.1", (0, 0))
     endpoint.write_target_file(Path(sys.argv[1]), sys.argv[2])

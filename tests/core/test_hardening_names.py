@@ -26,10 +26,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ctxtrace import _agent, _report
-from ctxtrace._names import MAX_NAME, safe_name
+from ctxtrace import _agent
+from ctxtrace.commands.report import model as report_model
+from ctxtrace.commands.report import sources as report_sources
+from ctxtrace.commands.report import text as report_text
+from ctxtrace.core.names import MAX_NAME, printable, safe_name
 
-from ._support import clear_flask_stacks
+from .._support import clear_flask_stacks
 
 NASTY = "\x1b[2J\x1b]0;pwned\x07\r\n\x9b31m\u202egnp.exe\u2066\u200f"
 #: What must not come through: C0, DEL, C1, bidi controls, line separators.
@@ -44,15 +47,13 @@ def test_safe_name_removes_c0_c1_and_bidi_and_bounds_length() -> None:
     assert cleaned.startswith("a?") and cleaned.endswith("b")
     assert len(safe_name(ENDPOINT)) == MAX_NAME
     assert safe_name("") == "?"
-    from ctxtrace._names import printable  # noqa: PLC0415 - new in this change
-
     assert printable("x\x1b[1m\u202ey") == "x\\x1b[1m\\u202ey"
 
 
 @pytest.fixture
 def telemetry(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     """The application's own providers, in memory, handed to ctxtrace."""
-    from ctxtrace import _providers  # noqa: PLC0415 - the telemetry layer's hand-over point
+    from ctxtrace.telemetry import providers as _providers  # noqa: PLC0415
 
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
@@ -182,9 +183,9 @@ def test_the_text_report_escapes_what_it_prints(tmp_path: Path) -> None:
     }
     log = tmp_path / "ctxtrace.log"
     log.write_text(json.dumps(line) + "\n")
-    report = _report.Report()
-    _report.add_log_file(report, log)
-    text = _report.render_text(report)
+    report = report_model.Report()
+    report_sources.add_log_file(report, log)
+    text = report_text.render_text(report)
     assert "leaked" in text
     assert not UNSAFE.search(text.replace("\n", "")), repr(text)
     assert "\\x1b" in text and "\\u202e" in text
