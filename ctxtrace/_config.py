@@ -120,7 +120,7 @@ def _choice(*allowed: str) -> Callable[[object], str]:
     return parse
 
 
-_SITE = re.compile(r"^(?:[A-Za-z_][\w.]*|[^\s:]+\.py:\d+)$")
+_SITE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.]*|[^\s:]+\.py:[0-9]+)$")
 
 
 def _sites(value: object) -> tuple[str, ...]:

@@ -39,6 +39,7 @@ def test_an_unknown_key_is_shown_bounded() -> None:
         ("CTXTRACE_LONG_LIVED_REQUEST", "\uff13"),
         ("CTXTRACE_LONG_LIVED_REQUEST", "infinity"),
         ("CTXTRACE_PROMETHEUS_PORT", "\uff19\uff10\uff10\uff10"),
+        ("CTXTRACE_SUPPRESS", "app/views.py:\u0661\u0662"),
     ],
 )
 def test_numbers_are_ascii_digits_only(key: str, raw: str) -> None:
