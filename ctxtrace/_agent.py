@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from ctxtrace import _signals, _worker, integrations
-from ctxtrace._config import Config, ConfigError
+from ctxtrace import _worker, integrations
+from ctxtrace._config import Config, ConfigError, shown
 from ctxtrace._events import Event, Kind, Site, Unit
 from ctxtrace._host import UnitHandle
 from ctxtrace.core import flaskshape
@@ -158,7 +159,14 @@ class Agent:
     def set_role(self, role: str) -> None:
         if _worker.role() != role:
             _worker.set_role(role)
-            self.worker = _worker.worker_id()
+            self.refresh_worker()
+
+    def refresh_worker(self) -> None:
+        """The ``worker`` label again, from what is known now; a change follows everywhere."""
+        worker = _worker.worker_id()
+        if worker != self.worker:
+            self.worker = worker
+            self.renamed()
 
     def snapshot(self) -> list[StatsSnapshot]:
         return self.ledger.snapshot()
@@ -171,6 +179,16 @@ class Agent:
 
     def dropped(self) -> dict[str, int]:
         return {"context": read_count(self.ledger.dropped_contexts), "log": self.logs.dropped}
+
+    def renamed(self) -> None:
+        """``worker`` changed (the process's role became known): emitters that publish it follow."""
+        for emitter in self._with_telemetry():
+            hook = getattr(emitter, "renamed", None)
+            if hook is not None:
+                try:
+                    hook()
+                except Exception as exc:
+                    self.errors.record(emitter.name, exc)
 
     def _dispatch(self, event: Event) -> None:
         if self.stopped:
@@ -214,8 +232,13 @@ class Agent:
                 emitter.stop(1.0)
             raise
         self._start_watchdog()
-        # An unhandled SIGTERM would end the process without atexit: flush first.
-        _signals.install(self.at_exit)
+        # No SIGTERM handler, ever: where SIGTERM has its default disposition the
+        # process must die at once (a Python handler runs only between bytecodes,
+        # so one would delay death until a long C call returns), and
+        # ``signal.getsignal`` must answer what the application set. Servers that
+        # handle SIGTERM (gunicorn, Celery, RQ) exit through ``sys.exit``, where
+        # the atexit handler flushes; a process killed by the default SIGTERM
+        # loses what the exporters still buffer (README, "Reliability and security").
         # Tasks, jobs, commands and threads as units; each one fails alone.
         self.integrations = integrations.install_all(self)
 
@@ -226,7 +249,6 @@ class Agent:
         except Exception as exc:
             self.errors.record("ledger", exc)
         self.stopped = True
-        _signals.uninstall()
         integrations.uninstall_all(self, self.integrations)
         self.integrations = []
         self.hooks.uninstall()
@@ -323,13 +345,12 @@ def start(
             return None
         try:
             config = Config.resolve(arguments, app_config, os.environ)
+            if config.enabled:
+                _check_at_start(config)
         except ConfigError as exc:
             if exc.source != "environment":
                 raise
-            log_line(
-                "error", "ctxtrace.config_error", key=exc.key, value=repr(exc.value)[:80],
-                allowed=exc.allowed, note="ctxtrace stays off; the application runs",
-            )
+            _log_config_error(exc)
             return None
         if not config.enabled:
             return None
@@ -337,6 +358,61 @@ def start(
         agent.start()
         _agent = agent
         return agent
+
+
+#: Environment errors logged already: the environment is the same at every
+#: ``instrument()`` call of a process, and one line says it.
+_config_errors_logged: set[tuple[str, str]] = set()
+
+
+def _log_config_error(exc: ConfigError) -> None:
+    seen = (exc.key, shown(exc.value))
+    if seen in _config_errors_logged or len(_config_errors_logged) >= 64:
+        return
+    _config_errors_logged.add(seen)
+    log_line(
+        "error", "ctxtrace.config_error", key=exc.key, value=shown(exc.value),
+        allowed=exc.allowed, source=exc.source,
+        note="ctxtrace stays off; the application runs",
+    )
+
+
+def _check_at_start(config: Config) -> None:
+    """Values that parse but cannot work here: found now, named, not at first use.
+
+    Raises ``ConfigError`` with the source of the value (an environment error
+    switches ctxtrace off with one line, like a value that does not parse).
+    """
+    if config.metrics == "prometheus":
+        host = config.prometheus_host
+        try:
+            # The endpoint's own lookup, done first: a name that does not resolve
+            # would otherwise fail later as an internal error naming no variable.
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(
+                "CTXTRACE_PROMETHEUS_HOST", host, "an address or host name this machine resolves",
+                config.sources.get("prometheus_host", "argument"),
+            ) from exc
+    folder = config.prometheus_targets_dir
+    if folder and config.metrics == "prometheus":
+        # Imported here: the Prometheus exporter is only needed when it is used.
+        from ctxtrace.telemetry.prometheus import UnsafeFolder, check_folder  # noqa: PLC0415
+
+        key = "CTXTRACE_PROMETHEUS_TARGETS_DIR"
+        source = config.sources.get("prometheus_targets_dir", "argument")
+        try:
+            check_folder(folder)
+        except UnsafeFolder as warning:
+            log_line(
+                "warning", "ctxtrace.targets_dir_unsafe", key=key, value=shown(folder),
+                reason=str(warning),
+            )
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError(
+                key, folder, f"a directory ctxtrace can create and write ({reason})", source
+            ) from exc
 
 
 def stop() -> bool:
@@ -355,6 +431,8 @@ def _after_fork_in_child() -> None:
     global _lock
     # The lock may have been held by another thread at fork time.
     _lock = threading.RLock()
+    # Before the agent recomputes its identity: a gunicorn master's child is a worker.
+    _worker.forked()
     if _agent is not None:
         _agent.after_fork()
 

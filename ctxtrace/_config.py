@@ -8,7 +8,9 @@ and the parsing cannot drift apart.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -23,14 +25,26 @@ class ConfigError(ValueError):
     """A configuration value is not allowed; names the key, the value and what is allowed."""
 
     def __init__(self, key: str, value: object, allowed: str, source: str = "argument") -> None:
-        self.key = key
+        # An unknown key is the user's text: bounded and printable, like the value.
+        self.key = _bounded(key if isinstance(key, str) else repr(key))
         self.value = value
         self.allowed = allowed
         self.source = source
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        super().__init__(f"{key}={shown} (from {source}) is not allowed: expected {allowed}")
+        super().__init__(
+            f"{self.key}={shown(value)} (from {source}) is not allowed: expected {allowed}"
+        )
+
+
+def _bounded(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters, anything unprintable escaped."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value: object) -> str:
+    """A value as error messages and log lines show it: its repr, bounded."""
+    return _bounded(repr(value))
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -45,11 +59,18 @@ def _bool(value: object) -> bool:
     raise ValueError
 
 
+_ASCII_INT: Final = re.compile(r"[+-]?[0-9]{1,12}")
+_ASCII_NUMBER: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
+
+
 def _int_range(low: int, high: int) -> Callable[[object], int]:
     def parse(value: object) -> int:
         if isinstance(value, bool):
             raise ValueError
         if isinstance(value, str):
+            # ASCII digits only: int() also takes "1_000", Arabic and full-width digits.
+            if not _ASCII_INT.fullmatch(value.strip()):
+                raise ValueError
             value = int(value.strip(), 10)
         if not isinstance(value, int) or not low <= value <= high:
             raise ValueError
@@ -58,22 +79,33 @@ def _int_range(low: int, high: int) -> Callable[[object], int]:
     return parse
 
 
-def _seconds_or_off(value: object) -> float | None:
-    """A positive number of seconds, or ``off``/``None`` to disable."""
+_YEAR_S: Final = 86_400 * 365
+
+
+def _seconds_or_off(value: object, floor: float = 0.0) -> float | None:
+    """A number of seconds above ``floor`` (and at most a year), or ``off``/``None`` to disable."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
         return None
     if isinstance(value, bool):
         raise ValueError
-    number = float(value.strip()) if isinstance(value, str) else value
-    if not isinstance(number, int | float) or not math.isfinite(number):
+    if isinstance(value, str):
+        # ASCII only: float() also takes "1_000", "infinity" and non-ASCII digits.
+        if not _ASCII_NUMBER.fullmatch(value.strip()):
+            raise ValueError
+        value = float(value.strip())
+    if not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError
-    if not 0 < number <= 86_400 * 365:
+    if not (value > 0 and floor <= value <= _YEAR_S):
         raise ValueError
-    return float(number)
+    return float(value)
 
 
-def _positive_seconds(value: object) -> float:
-    seconds = _seconds_or_off(value)
+#: The shortest interval of a periodic job: shorter would only burn CPU in an idle process.
+MIN_INTERVAL_S: Final = 0.01
+
+
+def _interval(value: object) -> float:
+    seconds = _seconds_or_off(value, MIN_INTERVAL_S)
     if seconds is None:
         raise ValueError
     return seconds
@@ -88,7 +120,7 @@ def _choice(*allowed: str) -> Callable[[object], str]:
     return parse
 
 
-_SITE = re.compile(r"^(?:[A-Za-z_][\w.]*|[^\s:]+\.py:\d+)$")
+_SITE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.]*|[^\s:]+\.py:[0-9]+)$")
 
 
 def _sites(value: object) -> tuple[str, ...]:
@@ -112,7 +144,7 @@ def _port_range(value: object) -> tuple[int, int]:
     """``PORT`` or ``FIRST-LAST``; 0 lets the OS choose."""
     if isinstance(value, int) and not isinstance(value, bool):
         low = high = value
-    elif isinstance(value, str) and re.fullmatch(r"\s*\d{1,5}\s*(-\s*\d{1,5}\s*)?", value):
+    elif isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,5}\s*(-\s*[0-9]{1,5}\s*)?", value):
         parts = [int(p) for p in value.split("-")]
         low, high = parts[0], parts[-1]
     elif isinstance(value, tuple | list) and len(value) == 2:
@@ -126,13 +158,46 @@ def _port_range(value: object) -> tuple[int, int]:
 
 def _text(max_len: int) -> Callable[[object], str]:
     def parse(value: object) -> str:
-        if not isinstance(value, str) or len(value) > max_len or any(
-            ord(c) < 32 for c in value
-        ):
+        if not isinstance(value, str) or len(value) > max_len or not value.isprintable():
             raise ValueError
         return value
 
     return parse
+
+
+_HOST_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _host(value: object) -> str:
+    """An IP address, or an ASCII host name (RFC 1123 labels, 253 characters at most)."""
+    if not isinstance(value, str):
+        raise ValueError
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        return value
+    name = value.removesuffix(".")
+    if not name or len(name) > 253 or not all(_HOST_LABEL.fullmatch(p) for p in name.split(".")):
+        raise ValueError
+    return value
+
+
+def _folder(value: object) -> str:
+    """A directory path (``~`` expands to the home folder), or empty for none.
+
+    Only its form here; ``check_environment`` looks at the file system at start-up.
+    """
+    text = _text(4096)(value)
+    if not text:
+        return ""
+    if text.startswith("~"):
+        expanded = os.path.expanduser(text)
+        if expanded.startswith("~"):
+            raise ValueError  # no such user, or no home: not a folder literally named ~
+        text = expanded
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +250,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "Push or access sites that are known and accepted; not reported.",
     ),
     Option(
-        "sweep_interval", _positive_seconds, 1.0, "seconds > 0",
+        "sweep_interval", _interval, 1.0, f"seconds >= {MIN_INTERVAL_S}",
         "How often the watchdog looks for long-lived contexts and dead threads.",
     ),
     Option(
@@ -206,7 +271,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "Where metrics go when the application has no MeterProvider of its own.",
     ),
     Option(
-        "prometheus_host", _text(255), "127.0.0.1", "a host name or address",
+        "prometheus_host", _host, "127.0.0.1", "an IP address or an ASCII host name",
         "Address each worker's /metrics endpoint binds to.",
     ),
     Option(
@@ -214,8 +279,10 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "Each worker serves /metrics on the first free port of this range.",
     ),
     Option(
-        "prometheus_targets_dir", _text(4096), "", "a directory path, or empty for none",
-        "Folder where each worker writes its Prometheus file_sd target file.",
+        "prometheus_targets_dir", _folder, "",
+        "a path to a directory ctxtrace can create or write, or empty for none",
+        "Folder where each worker writes its Prometheus file_sd target file (~ is the home"
+        " folder; checked, and made if missing, at start-up).",
     ),
 )
 _BY_NAME: Final = {o.name: o for o in OPTIONS}
@@ -277,15 +344,22 @@ class Config:
         """
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
+        # Errors in code (arguments, app.config) are raised even when the
+        # environment is bad too: the environment's errors only switch ctxtrace
+        # off, and must not hide a mistake the application would want to see.
+        errors: list[ConfigError] = []
         for name in arguments or {}:
             if name not in _BY_NAME:
                 raise ConfigError(name, (arguments or {})[name], _known(), "argument")
-        for key in app_config or {}:
-            if key.startswith(PREFIX) and key.removeprefix(PREFIX).lower() not in _BY_NAME:
-                raise ConfigError(key, (app_config or {})[key], _known(), "app.config")
-        for key in environ or {}:
-            if key.startswith(PREFIX) and key.removeprefix(PREFIX).lower() not in _BY_NAME:
-                raise ConfigError(key, (environ or {})[key], _known(), "environment")
+        for source, mapping in (("app.config", app_config), ("environment", environ)):
+            for key in mapping or {}:
+                # app.config is a dict the app fills: keys that are not strings are not ours.
+                if (
+                    isinstance(key, str)
+                    and key.startswith(PREFIX)
+                    and key.removeprefix(PREFIX).lower() not in _BY_NAME
+                ):
+                    errors.append(ConfigError(key, (mapping or {})[key], _known(), source))
         for option in OPTIONS:
             for source, mapping, key in (
                 ("argument", arguments, option.name),
@@ -297,9 +371,15 @@ class Config:
                     try:
                         values[option.name] = option.parse(raw)
                     except (ValueError, TypeError, OverflowError) as exc:
-                        raise ConfigError(option.key, raw, option.allowed, source) from exc
+                        error = ConfigError(option.key, raw, option.allowed, source)
+                        error.__cause__ = exc
+                        if source == "argument":
+                            raise error from exc
+                        errors.append(error)
                     sources[option.name] = source
                     break
+        if errors:
+            raise min(errors, key=lambda e: e.source == "environment")
         return cls(**values, sources=sources)
 
 

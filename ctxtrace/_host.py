@@ -61,6 +61,10 @@ class Host(Protocol):
         """Say what this process is (``celery``, ``rq``, ``cli``); renames ``worker``."""
         ...
 
+    def refresh_worker(self) -> None:
+        """Recompute ``worker`` from what is known now (gunicorn's master is found late)."""
+        ...
+
     def flush(self, timeout_s: float) -> None:
         """Hand over what the emitters buffer (a process about to end without atexit)."""
         ...

@@ -15,6 +15,7 @@ from flask import globals as flask_globals
 
 from ctxtrace import _agent
 from ctxtrace.core.flaskshape import detect
+from ctxtrace.core.names import safe_name
 
 _SHAPE = detect()
 
@@ -44,7 +45,8 @@ def add_flask_context(
             if context_id is not None:
                 info["id"] = context_id
         if info["kind"] == "request":
-            info["endpoint"] = shape.endpoint(ctx)
+            endpoint = shape.endpoint(ctx)
+            info["endpoint"] = safe_name(endpoint) if endpoint is not None else None
         event_dict["flask_context"] = info
     except Exception:
         pass

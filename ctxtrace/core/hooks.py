@@ -295,6 +295,7 @@ class Hooks:
         tracks_dispatch = self.ledger.tracks_dispatch
 
         def push(self: Any) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self)
             try:
@@ -333,6 +334,7 @@ class Hooks:
         merged = fixed_kind is None
 
         def push(self: Any) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self)
             try:
@@ -391,6 +393,7 @@ class Hooks:
         app_only = fixed_kind == "app"
 
         def push(self: Any, *args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self, *args, **kwargs)
             try:
@@ -472,6 +475,7 @@ class Hooks:
         carries_requests = slot == ledger.request_slot
 
         def pop(self: Any, exc: Any = exc_default) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self, exc)
             try:
@@ -517,6 +521,7 @@ class Hooks:
         count = self.shape.push_count
 
         def pop(self: Any, *args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self, *args, **kwargs)
             try:
@@ -563,6 +568,7 @@ class Hooks:
         repair = self.repair
 
         def wrapper(self: Any, environ: Any, start_response: Any) -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             if not hooks.active:
                 return original(self, environ, start_response)
             try:
@@ -650,6 +656,7 @@ class Hooks:
         hooks = self
 
         def _get_current_object() -> Any:
+            __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
             try:
                 return original()
             except RuntimeError as exc:

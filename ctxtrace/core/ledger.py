@@ -653,7 +653,8 @@ class Ledger:
     def _endpoint_site(self, endpoint: str) -> Site:
         site = self._endpoint_sites.get(endpoint)
         if site is None:
-            site = Site(file="", line=0, function="", endpoint=endpoint)
+            # The endpoint is the app's text: cleaned once per name, kept clean.
+            site = Site(file="", line=0, function="", endpoint=safe_name(endpoint))
             if len(self._endpoint_sites) < 4096:
                 self._endpoint_sites[endpoint] = site
         return site

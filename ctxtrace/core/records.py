@@ -117,6 +117,7 @@ class UnitState:
     pending: list[tuple[OutOfContextAccess, BaseException]] | None = None
     _id = 0
     _info: Unit | None = None
+    _info_name: object = None
     # Set when the request context is pushed (read only once ``dispatch`` is a context).
     stats: Stats
     app_stats: Stats
@@ -136,10 +137,15 @@ class UnitState:
         return self._id
 
     def info(self) -> Unit:
-        """The unit as events carry it; made once per name (a request is named at dispatch)."""
+        """The unit as events carry it; made once per name (a request is named at dispatch).
+
+        A request's name is its endpoint, set raw on the hot path: cleaned here,
+        where it leaves for events, and only then.
+        """
         info = self._info
-        if info is None or info.name != self.name:
-            info = self._info = Unit(id=self.id, kind=self.kind, name=self.name)
+        if info is None or self._info_name is not self.name:
+            info = self._info = Unit(id=self.id, kind=self.kind, name=safe_name(self.name))
+            self._info_name = self.name
         return info
 
     # -- the request's own contexts: the hook layer's transitions -------------

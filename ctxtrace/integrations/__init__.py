@@ -9,21 +9,37 @@ skipped: the rest of ctxtrace still runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Final
 
 from ctxtrace.integrations import celery, click, rq, threads
-from ctxtrace.integrations.kit import Remover
+from ctxtrace.integrations.kit import Remover, on_import
 
 if TYPE_CHECKING:
     from ctxtrace._host import Host
 
 Installer = Callable[["Host"], Remover]
 
+
+def _gunicorn_master(host: Host) -> Remover:
+    """Under ``ctxtrace run``, gunicorn's master starts as a plain process: once it has
+    loaded gunicorn's arbiter its label (and target file) say ``gunicorn-master``."""
+
+    def loaded(_module: ModuleType) -> Remover:
+        host.refresh_worker()
+        return lambda: None
+
+    return on_import(
+        "gunicorn.arbiter", loaded, lambda exc: host.errors.record("integration.gunicorn", exc)
+    )
+
+
 INSTALLERS: Final[tuple[tuple[str, Installer], ...]] = (
     ("threads", threads.install),
     ("click", click.install),
     ("celery", celery.install),
     ("rq", rq.install),
+    ("gunicorn", _gunicorn_master),
 )
 
 

@@ -27,6 +27,7 @@ def install(host: Host) -> Callable[[], None]:
     original = vars(click.Command)["invoke"]
 
     def invoke(self: click.Command, ctx: click.Context) -> Any:
+        __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
         if host.running:
             try:
                 _begin(host, self, ctx)

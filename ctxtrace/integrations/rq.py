@@ -43,6 +43,7 @@ def _patch(host: Host, rq: ModuleType) -> Callable[[], None]:
     original = vars(cls)["perform_job"]
 
     def perform_job(self: Any, job: Any, queue: Any, *args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
         if not host.running:
             return original(self, job, queue, *args, **kwargs)
         try:

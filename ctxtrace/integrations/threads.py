@@ -35,6 +35,7 @@ def install(host: Host) -> Callable[[], None]:
     original = threading.Thread.start
 
     def start(self: threading.Thread) -> None:
+        __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
         if host.running:
             try:
                 _wrap_run(host, self)
@@ -72,6 +73,7 @@ class _UnitRun:
         self.parent = parent
 
     def __call__(self) -> None:
+        __tracebackhide__ = __traceback_hide__ = True  # pytest, Werkzeug: not the app's frame
         host = self.host
         run = self.run
         try:

@@ -353,6 +353,13 @@ class MetricsEmitter:
                 self._host.errors.record,
             )
 
+    def renamed(self) -> None:
+        """The worker's label changed: its target file says the new one."""
+        private = self.private
+        endpoint = private.endpoint if private is not None else None
+        if endpoint is not None:
+            endpoint.rename(self._host.worker)
+
     def after_fork(self) -> None:
         """A forked child: its own identity, counts from zero, its own endpoint and thread."""
         global _bindings_lock

@@ -9,26 +9,45 @@ target file for itself there, ``<worker id>.json``::
     [{"targets": ["127.0.0.1:9465"], "labels": {"worker": "web-1:4242:gunicorn"}}]
 
 One ``file_sd_configs`` job over ``<dir>/*.json`` then finds every worker. The
-file goes when the worker exits; files of workers on this host that died without
-cleaning up are removed by the next worker that starts.
+file goes when the worker exits; files of workers that died without cleaning up
+are removed by the next worker that starts.
+
+Nothing in that folder is trusted: others may be able to write it. A target file
+is written to a temporary file made with ``O_EXCL|O_NOFOLLOW`` and renamed into
+place; clean-up opens only small regular files, without following links and
+without waiting on a FIFO. Whether a file's worker lives is told by a lock, not
+a pid: each worker holds an ``flock`` on its own file for as long as it runs
+(the kernel drops it when the process dies), which holds across PID namespaces
+(containers that share a hostname and a volume see each other's files, not
+each other's pids).
+
+The endpoint gives no thread to a connection: one thread reads requests from
+every connection without blocking, answers each complete one, and closes a
+connection that stays quiet past ``READ_TIMEOUT_S``; past ``MAX_CONNECTIONS``
+the one idle longest is closed. Idle or slow clients cost a descriptor and a
+little buffer each, never a thread, and scrapes are still answered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
+import selectors
 import socket
+import stat
+import tempfile
 import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
 
 from ctxtrace.telemetry.pids import alive
 
@@ -38,16 +57,65 @@ if TYPE_CHECKING:
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _WILDCARDS = frozenset(("", "0.0.0.0", "::"))
 
+#: Largest file clean-up reads: a target file of ours is well under 1 KiB.
+MAX_TARGET_FILE: Final = 64 * 1024
+#: Most entries of the folder clean-up looks at, in one start.
+MAX_SCAN: Final = 10_000
+
+
+class UnsafeFolder(Exception):
+    """The targets folder works, but others than its owner can write it."""
+
+
+def check_folder(folder: str | Path) -> None:
+    """Make the targets folder if needed; raise ``OSError`` if it cannot hold target files.
+
+    Raises ``UnsafeFolder`` (after every other check passed) when anyone may
+    write the folder: they could plant target files (Prometheus would scrape
+    what they name) or delete ours.
+    """
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    status = os.stat(path)
+    if not stat.S_ISDIR(status.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "not writable", str(path))
+    if status.st_mode & stat.S_IWOTH:
+        sticky = " (sticky)" if status.st_mode & stat.S_ISVTX else ""
+        raise UnsafeFolder(f"writable by every user{sticky}: mode {stat.filemode(status.st_mode)}")
+
 
 def target_file_name(worker: str) -> str:
     """``host:pid:role`` made safe for any file system: ``host_pid_role.json``."""
     return _UNSAFE.sub("_", worker) + ".json"
 
 
-def _owner(path: Path) -> tuple[str, int] | None:
+def _open_small_file(path: Path) -> int | None:
+    """A descriptor of ``path`` if it is a small regular file (no link followed, no wait)."""
+    try:
+        # Not even opened unless it is a regular file (a device's open can act).
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        # O_NONBLOCK: should it have become a FIFO since, opening it must not wait.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        status = os.fstat(fd)
+        if stat.S_ISREG(status.st_mode) and status.st_size <= MAX_TARGET_FILE:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _owner(fd: int) -> tuple[str, int] | None:
     """``(host, pid)`` of the worker a target file names, if it is one of ours."""
     try:
-        groups = json.loads(path.read_text(encoding="utf-8"))
+        data = os.pread(fd, MAX_TARGET_FILE + 1, 0)
+        groups = json.loads(data.decode("utf-8"))
         worker = groups[0]["labels"]["worker"]
         host, pid, _role = str(worker).split(":")
         return host, int(pid)
@@ -55,16 +123,52 @@ def _owner(path: Path) -> tuple[str, int] | None:
         return None
 
 
+def _locked_by_someone(fd: int) -> bool:
+    """Whether a live process holds the lock its worker takes on its own target file."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True  # a file system without locks: nothing tells, so nothing goes
+    return False
+
+
 def remove_stale(folder: Path, host: str) -> list[Path]:
-    """Delete target files of this host's workers whose process is gone."""
+    """Delete target files of this host's workers that no live process holds.
+
+    A file goes only when nobody holds its lock and its pid names no process
+    here either: a live worker's file is never taken, whatever namespace it runs in.
+    """
     removed: list[Path] = []
-    for path in sorted(folder.glob("*.json")):
-        owner = _owner(path)
-        if owner is None or owner[0] != host or owner[1] == os.getpid() or alive(owner[1]):
+    try:
+        with os.scandir(folder) as entries:
+            names = [e.name for _, e in zip(range(MAX_SCAN), entries, strict=False)]
+    except OSError:
+        return removed
+    for name in sorted(n for n in names if n.endswith(".json") and not n.startswith(".")):
+        path = folder / name
+        fd = _open_small_file(path)
+        if fd is None:
             continue
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
+        try:
+            owner = _owner(fd)
+            if owner is None or owner[0] != host or owner[1] == os.getpid():
+                continue
+            # The lock says it for workers of this version anywhere; the pid, for
+            # files of earlier versions (no lock) whose worker runs in our namespace.
+            if _locked_by_someone(fd) or alive(owner[1]):
+                continue
+            # Only the file we judged: if another took its name meanwhile, it stays.
+            if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -77,6 +181,9 @@ class Endpoint:
         self.address = address
         self.port = port
         self.target_file: Path | None = None
+        #: Why the target file could not be written, if it could not.
+        self.file_error: OSError | None = None
+        self._lock_fd: int | None = None
         self._pid = os.getpid()
 
     @property
@@ -89,17 +196,55 @@ class Endpoint:
         return f"{host}:{self.port}"
 
     def write_target_file(self, folder: Path, worker: str) -> Path:
-        """Write (atomically) the file_sd entry for this endpoint; stale ones go first."""
+        """Write (atomically, safely) the file_sd entry for this endpoint; stale ones go first.
+
+        The new file's descriptor stays open with an ``flock`` on it until the
+        endpoint closes or the process dies: that lock is what tells other
+        workers this one lives.
+        """
         folder.mkdir(parents=True, exist_ok=True)
         host = worker.split(":", 1)[0]
         remove_stale(folder, host)
         path = folder / target_file_name(worker)
-        temporary = folder / f".{path.name}.{os.getpid()}.tmp"
-        payload = [{"targets": [self.target], "labels": {"worker": worker}}]
-        temporary.write_text(json.dumps(payload), encoding="utf-8")
-        os.replace(temporary, path)
-        self.target_file = path
+        payload = json.dumps([{"targets": [self.target], "labels": {"worker": worker}}])
+        # mkstemp: a name nobody can predict, made with O_EXCL|O_NOFOLLOW, mode 0600.
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.fchmod(fd, 0o644)  # Prometheus may run as another user
+            os.write(fd, payload.encode("utf-8"))
+            os.replace(temporary, path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        previous, self.target_file = self.target_file, path
+        old_fd, self._lock_fd = self._lock_fd, fd
+        if previous is not None and previous != path:
+            self._remove(previous, old_fd)
+        elif old_fd is not None:
+            os.close(old_fd)
         return path
+
+    def rename(self, worker: str) -> None:
+        """The worker's label changed (its role became known): the file follows."""
+        if self.target_file is not None and os.getpid() == self._pid:
+            self.write_target_file(self.target_file.parent, worker)
+
+    def _remove(self, path: Path, fd: int | None) -> None:
+        """Delete our target file (if it still is ours), then let go of its lock."""
+        try:
+            if fd is not None and os.stat(path, follow_symlinks=False).st_ino == os.fstat(
+                fd
+            ).st_ino:
+                path.unlink()
+        except OSError:
+            pass
+        finally:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def close(self, timeout_s: float = 1.0) -> None:
         """Stop serving and remove the target file (in the process that made them)."""
@@ -107,60 +252,227 @@ class Endpoint:
             self.abandon()
             return
         try:
-            # shutdown() waits for the serving loop's next poll; a connection of
-            # our own wakes it at once (instrument/uninstrument cycles stay fast).
-            stopper = threading.Thread(target=self.server.shutdown, daemon=True)
-            stopper.start()
-            self._wake()
-            stopper.join(timeout_s)
-            self.server.server_close()
+            self.server.shutdown(timeout_s)
             self.thread.join(timeout_s)
         finally:
-            if self.target_file is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    self.target_file.unlink()
-                self.target_file = None
-
-    def _wake(self) -> None:
-        host = self.server.server_address[0]
-        if host in _WILDCARDS:
-            host = "::1" if ":" in host else "127.0.0.1"
-        with contextlib.suppress(OSError), socket.create_connection((host, self.port), 0.2):
-            pass
+            path, self.target_file = self.target_file, None
+            fd, self._lock_fd = self._lock_fd, None
+            if path is not None:
+                self._remove(path, fd)
 
     def abandon(self) -> None:
-        """In a forked child: close the inherited socket; the file is the parent's."""
+        """In a forked child: close the inherited socket and lock; the file is the parent's.
+
+        The lock's descriptor must go too: a child holding it would keep the
+        parent's file looking alive after the parent died.
+        """
         self.target_file = None
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.server.abandon()
+
+
+#: Seconds a connection may take to send a whole request; then it is closed.
+READ_TIMEOUT_S: Final = 10.0
+#: Seconds a response may take to be read by the client.
+WRITE_TIMEOUT_S: Final = 10.0
+#: Connections kept open at once; past this the one idle longest is closed.
+MAX_CONNECTIONS: Final = 64
+#: Largest request head (request line and headers) accepted.
+MAX_REQUEST: Final = 8 * 1024
+#: Seconds between the serving thread's checks for a stop and for timeouts.
+POLL_S: Final = 0.1
+
+
+class _Connection:
+    __slots__ = ("deadline", "inbox", "outbox", "sock")
+
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.inbox = b""
+        self.outbox: bytes | None = None
+        self.deadline = now + READ_TIMEOUT_S
+
+
+class MetricsServer:
+    """A ``/metrics`` server on one thread: no thread per connection, every wait bounded."""
+
+    def __init__(self, app: Any, family: int, address: tuple[Any, ...]) -> None:
+        self.app = app
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                with contextlib.suppress(OSError):
+                    self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self.socket.bind(address)
+            self.socket.listen(128)
+            self.socket.setblocking(False)
+        except BaseException:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.socket, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._connections: dict[socket.socket, _Connection] = {}
+        self._stop = threading.Event()
+        self.served = 0
+
+    # -- the loop -----------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for key, events in self._selector.select(POLL_S):
+                    if self._stop.is_set():
+                        break
+                    sock = key.fileobj
+                    if sock is self.socket:
+                        self._accept()
+                    elif sock is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(64)
+                    else:
+                        connection = self._connections.get(sock)  # type: ignore[call-overload]
+                        if connection is not None:
+                            self._ready(connection, events)
+                self._expire(time.monotonic())
+        finally:
+            for sock in list(self._connections):
+                self._drop(sock)
+            with contextlib.suppress(Exception):
+                self._selector.close()
+            for sock in (self.socket, self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(MAX_CONNECTIONS):
+            try:
+                sock, _peer = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # out of descriptors, or the client went: try again later
+            sock.setblocking(False)
+            if len(self._connections) >= MAX_CONNECTIONS:
+                oldest = min(self._connections.values(), key=lambda c: c.deadline)
+                self._drop(oldest.sock)
+            connection = _Connection(sock, time.monotonic())
+            self._connections[sock] = connection
+            self._selector.register(sock, selectors.EVENT_READ, None)
+
+    def _ready(self, connection: _Connection, events: int) -> None:
+        sock = connection.sock
+        try:
+            if connection.outbox is None and events & selectors.EVENT_READ:
+                data = sock.recv(4096)
+                if not data:
+                    self._drop(sock)
+                    return
+                connection.inbox += data
+                if b"\r\n\r\n" in connection.inbox or b"\n\n" in connection.inbox:
+                    connection.outbox = self._respond(connection.inbox)
+                    connection.deadline = time.monotonic() + WRITE_TIMEOUT_S
+                    self._selector.modify(sock, selectors.EVENT_WRITE, None)
+                elif len(connection.inbox) > MAX_REQUEST:
+                    self._drop(sock)
+                    return
+            if connection.outbox is not None:
+                sent = sock.send(connection.outbox)
+                connection.outbox = connection.outbox[sent:]
+                if not connection.outbox:
+                    self.served += 1
+                    self._drop(sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(sock)
+
+    def _respond(self, request: bytes) -> bytes:
+        """The whole response to one request head (``Connection: close``)."""
+        head = request.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
+        lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+        parts = lines[0].split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _response("400 Bad Request", [], b"bad request\n")
+        method, target, _version = parts
+        path, _, query = target.partition("?")
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": method,
+            "PATH_INFO": unquote(path),
+            "QUERY_STRING": query,
+            "SERVER_NAME": str(self.server_address[0]),
+            "SERVER_PORT": str(self.server_address[1]),
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "wsgi.url_scheme": "http",
+        }
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                environ["HTTP_" + name.strip().upper().replace("-", "_")] = value.strip()
+        reply: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], *_: Any) -> None:
+            reply[:] = [status, headers]
+
+        try:
+            body = b"".join(self.app(environ, start_response))
+            status, headers = reply
+        except Exception:
+            return _response("500 Internal Server Error", [], b"metrics unavailable\n")
+        return _response(status, headers, body)
+
+    def _expire(self, now: float) -> None:
+        for sock, connection in list(self._connections.items()):
+            if connection.deadline <= now:
+                self._drop(sock)
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._connections.pop(sock, None)
+        with contextlib.suppress(Exception):
+            self._selector.unregister(sock)
         with contextlib.suppress(OSError):
-            self.server.socket.close()
+            sock.close()
+
+    # -- control ------------------------------------------------------------
+
+    def connections(self) -> int:
+        return len(self._connections)
+
+    def shutdown(self, timeout_s: float = 1.0) -> None:
+        """Stop the loop; it closes every socket on its way out."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def abandon(self) -> None:
+        """In a forked child: close the inherited sockets (the loop's thread is not here)."""
+        for sock in (self.socket, self._wake_r, self._wake_w, *self._connections):
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._connections = {}
 
 
-class _Quiet(WSGIRequestHandler):
-    """No access log: scrapes are not the application's requests."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-#: Seconds between the serving thread's checks for a stop: also the longest a stop waits.
-POLL_S = 0.1
+def _response(status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers)]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
 
 
-def _listen(registry: Any, host: str, port: int) -> tuple[Any, threading.Thread]:
-    """prometheus_client's WSGI server, with a serving loop that stops within ``POLL_S``."""
+def _listen(registry: Any, host: str, port: int) -> tuple[MetricsServer, threading.Thread]:
+    """A metrics server on ``host:port`` and its serving thread, started."""
     family, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0][::4]
-
-    class Server(ThreadingWSGIServer):
-        address_family = family
-
-    server = make_server(
-        str(address[0]), port, make_wsgi_app(registry), Server, handler_class=_Quiet
-    )
+    server = MetricsServer(make_wsgi_app(registry), family, address)
     thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": POLL_S},
-        name="ctxtrace-prometheus", daemon=True,
+        target=server.serve_forever, name="ctxtrace-prometheus", daemon=True
     )
     thread.start()
     return server, thread
@@ -204,6 +516,10 @@ def serve(worker: str, config: Config) -> tuple[Endpoint, PrometheusMetricReader
     if config.prometheus_targets_dir:
         try:
             endpoint.write_target_file(Path(config.prometheus_targets_dir), worker)
+        except OSError as exc:
+            # The endpoint serves on without its file: Prometheus can still be
+            # pointed at it, and the caller counts the failure.
+            endpoint.file_error = exc
         except BaseException:
             endpoint.close()
             reader.shutdown()

@@ -141,14 +141,18 @@ def environ() -> Mapping[str, str]:
 
 
 def build_tracing(
-    worker: str, environ: Mapping[str, str], record: RecordError
+    worker: str, environ: Mapping[str, str], record: RecordError,
+    dropped: Callable[[], object] = lambda: None,
 ) -> PrivateTracing | None:
-    """A private TracerProvider for the exporters the environment names, or ``None``."""
+    """A private TracerProvider for the exporters the environment names, or ``None``.
+
+    ``dropped`` is called for each span its batch queue turns away.
+    """
     if not trace_exporter_names(environ):
         return None
     from ctxtrace.telemetry import sdk_providers  # noqa: PLC0415 - the SDK only loads when used
 
-    return sdk_providers.build_tracing(worker, environ, record)
+    return sdk_providers.build_tracing(worker, environ, record, dropped)
 
 
 def build_metrics(

@@ -9,6 +9,8 @@ its failures are counted in ``Agent.errors`` and never raised.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import math
 import threading
@@ -207,6 +209,64 @@ class GuardedMetricExporter(_Guard, MetricExporter):
 # -- private tracing --------------------------------------------------------------
 
 
+class _InOurQueue(threading.local):
+    """Whether this thread is handing a span to one of ctxtrace's batch queues."""
+
+    active = False
+
+
+_in_our_queue = _InOurQueue()
+
+
+class _QuietWhileQueueing(logging.Filter):
+    """Holds back the SDK's "Queue full, dropping Span." for ctxtrace's own queues:
+    ctxtrace counts those drops (``ctxtrace_dropped_total{what="span"}``) and says so
+    once; the application's own processors log as ever."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _in_our_queue.active
+
+
+_QUIET_QUEUE = _QuietWhileQueueing()
+
+
+class CountingSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, counting the spans its full queue turns away.
+
+    The SDK drops a span when its queue is full (a collector down or hanging)
+    and logs a line for each. Here the queue's length is read before each span
+    goes in: a full queue means this span pushes one out, and ``dropped`` is
+    called. Where the SDK's queue is not a bounded deque (another SDK version),
+    nothing is counted (the README says so).
+    """
+
+    def __init__(self, exporter: SpanExporter, dropped: Callable[[], object]) -> None:
+        super().__init__(exporter)
+        self._dropped = dropped
+        inner = getattr(self, "_batch_processor", self)
+        queue = getattr(inner, "_queue", None)
+        self._queue = queue if isinstance(queue, collections.deque) and queue.maxlen else None
+        logger = logging.getLogger(type(inner).__module__)
+        if _QUIET_QUEUE not in logger.filters:
+            logger.addFilter(_QUIET_QUEUE)
+
+    def on_end(self, span: Any) -> None:
+        queue = self._queue
+        if (
+            queue is not None
+            and len(queue) >= (queue.maxlen or 0)
+            and span.context is not None
+            and span.context.trace_flags.sampled
+        ):
+            with contextlib.suppress(Exception):
+                self._dropped()
+        _in_our_queue.active = True
+        try:
+            super().on_end(span)
+        finally:
+            _in_our_queue.active = False
+
+
 class _Owned:
     """What a private provider's flush and shutdown share: a budget, kept.
 
@@ -261,7 +321,8 @@ class PrivateTracing(_Owned):
 
 
 def build_tracing(
-    worker: str, environ: Mapping[str, str], record: RecordError
+    worker: str, environ: Mapping[str, str], record: RecordError,
+    dropped: Callable[[], object] = lambda: None,
 ) -> PrivateTracing | None:
     """A private TracerProvider for the exporters the environment names, or ``None``."""
     names = trace_exporter_names(environ)
@@ -272,7 +333,7 @@ def build_tracing(
         try:
             inner = load_exporter(name, "traces", environ)()
             exporter = GuardedSpanExporter(inner, component, record)
-            provider.add_span_processor(BatchSpanProcessor(exporter))
+            provider.add_span_processor(CountingSpanProcessor(exporter, dropped))
             guarded.append(exporter)
         except Exception as exc:
             record(component, exc)
@@ -377,6 +438,8 @@ def build_metrics(
 
                     endpoint, pull = serve(worker, config)
                     readers.append(pull)
+                    if endpoint.file_error is not None:
+                        record(component, endpoint.file_error)
                 continue
             exporter = GuardedMetricExporter(
                 load_exporter(name, "metrics", environ)(), component, record

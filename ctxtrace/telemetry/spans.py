@@ -41,7 +41,9 @@ from ctxtrace._events import (
 from ctxtrace._version import VERSION
 from ctxtrace.core.counters import read_count
 from ctxtrace.core.guard import run_within
+from ctxtrace.core.names import safe_name
 from ctxtrace.telemetry import providers, tracecarry
+from ctxtrace.telemetry.logs import log_line
 
 if TYPE_CHECKING:
     from ctxtrace._host import Host
@@ -110,10 +112,22 @@ class SpanEmitter:
         self._ended = _Bounded(MAX_TRACKED)
         self._route_cache: dict[tuple[str, str], str] = {}
         self.dropped_counter = itertools.count()
+        self._said_dropped = False
 
     @property
     def dropped(self) -> int:
         return read_count(self.dropped_counter)
+
+    def _queue_dropped(self) -> None:
+        """A span the private batch queue turned away: counted, and said once."""
+        next(self.dropped_counter)
+        if not self._said_dropped:
+            self._said_dropped = True
+            log_line(
+                "warning", "ctxtrace.spans_dropped", worker=self._host.worker,
+                note="the span queue is full (is the collector down?); drops are counted"
+                ' in ctxtrace_dropped_total{what="span"} and not logged again',
+            )
 
     # -- providers ----------------------------------------------------------
 
@@ -129,7 +143,7 @@ class SpanEmitter:
         if provider is None:
             host = self._host
             self.private = providers.build_tracing(
-                host.worker, providers.environ(), host.errors.record
+                host.worker, providers.environ(), host.errors.record, self._queue_dropped
             )
             provider = self.private.provider if self.private is not None else None
         self._provider = provider
@@ -347,7 +361,8 @@ class SpanEmitter:
                 attributes["code.file.path"] = site.file
                 attributes["code.line.number"] = site.line
         if route is not None:
-            attributes["http.route"] = route
+            # The app's URL rule: its text, cleaned like every name (longer bound).
+            attributes["http.route"] = safe_name(route, 512)
         return attributes
 
     @staticmethod

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +24,7 @@ from ctxtrace.telemetry import prometheus as _prometheus
 from ctxtrace.telemetry import spans as _spans
 
 from .._otlp import Receiver
-from .._servers import REPO, wait_until
+from .._servers import REPO
 
 OTEL_ENV = (
     "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -281,43 +279,6 @@ def test_embedded_default_exports_no_spans(app: Flask, clean_otel_env: None) -> 
     assert emitter.private.push_readers == []
     _double_pop(app)
     assert agent.errors.counts() == {}
-
-
-def test_sigterm_flushes_before_the_process_goes(receiver: Receiver) -> None:
-    """A plain process killed by SIGTERM still delivers its spans, then dies of SIGTERM."""
-    script = (
-        "import sys, time, ctxtrace\n"
-        "from flask import Flask\n"
-        "ctxtrace.instrument()\n"
-        "app = Flask('shop')\n"
-        "ctx = app.app_context(); ctx.push(); ctx.pop()\n"
-        "try:\n    ctx.pop()\nexcept LookupError:\n    pass\n"
-        "print('ready', flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    env = {
-        **os.environ,
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
-        "CTXTRACE_METRICS": "none",
-    }
-    with subprocess.Popen(
-        [sys.executable, "-c", script], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    ) as process:
-        try:
-            assert process.stdout is not None
-            assert process.stdout.readline().strip() == "ready"
-            assert receiver.spans() == []  # still in the batch processor's queue
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(15) == -signal.SIGTERM
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait(5)
-    wait_until(receiver.spans, timeout=5, what="the flushed span")
-    assert [span.name for _, span in receiver.spans()] == ["flask.app_context"]
 
 
 def test_global_providers_are_used_and_kept() -> None:

@@ -15,6 +15,7 @@ from ctxtrace.commands.report.model import (
     anomaly_rank,
     explain,
 )
+from ctxtrace.core.names import printable
 
 
 def short_site(site: str, base: Path | None = None) -> str:
@@ -116,9 +117,9 @@ def render_text(report: Report, explainer: Explain | None = None, width: int = 1
                 if info.cause:
                     label = f"[{info.label}] " if info.label else ""
                     wrap.initial_indent = "        cause: "
-                    out.append(wrap.fill(label + info.cause))
+                    out.extend(wrap.wrap(label + info.cause))
                 wrap.initial_indent = "        fix:   "
-                out.append(wrap.fill(info.fix))
+                out.extend(wrap.wrap(info.fix))
     if idle:
         out.append("")
         out.append("no contexts or anomalies: " + ", ".join(sorted(idle)))
@@ -128,4 +129,8 @@ def render_text(report: Report, explainer: Explain | None = None, width: int = 1
     for note in report.notes:
         out.append("")
         out.append(f"note: {note}")
-    return "\n".join(out) + "\n"
+    # Sites, functions and workers come from log lines anyone may have written:
+    # nothing in them may act on the terminal (escapes, bidi overrides). Each
+    # entry of ``out`` is one line (wrapped text was added line by line), so a
+    # newline inside one came from the data and is escaped too.
+    return "\n".join(printable(line) for line in out) + "\n"
