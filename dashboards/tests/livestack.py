@@ -327,6 +327,8 @@ def alertmanager_config(exporters: Path, webhook_port: int) -> dict[str, Any]:
     """exporters/alertmanager.yml with webhooks to the test and no waiting."""
     config: dict[str, Any] = yaml.safe_load((exporters / "alertmanager.yml").read_text())
     config["route"].update(group_wait="1s", group_interval="1s")
+    # Template paths are relative to the config file, which the test writes elsewhere.
+    config["templates"] = [str(exporters / name) for name in config.get("templates", [])]
     for receiver in config["receivers"]:
         for hook in receiver.get("webhook_configs", []):
             path = urllib.parse.urlsplit(hook["url"]).path
