@@ -114,19 +114,32 @@ def alert_rules(paths: dict[str, Path]) -> list[dict[str, Any]]:
     return [rule for group in data["groups"] for rule in group["rules"] if "alert" in rule]
 
 
+#: Alerts about the monitoring itself keep their `for` in live tests: a stack that is
+#: starting has no targets and no ctxtrace series yet, which is what they alert on.
+KEEP_FOR = frozenset({"CtxtraceTargetDown", "CtxtraceMetricsAbsent"})
+
+
 def write_rules_with_for(
-    source: Path, target: Path, duration: str, *, keep_zero: bool = False
+    source: Path,
+    target: Path,
+    duration: str,
+    *,
+    keep_zero: bool = False,
+    keep: frozenset[str] = KEEP_FOR,
 ) -> Path:
     """Copy an alert rules file with every `for` set to `duration`.
 
     Tests against a real Prometheus cannot wait 15 minutes; the rules keep literal `for`
     values so that this rewrite is a plain YAML edit. `keep_zero`: rules whose `for` is
-    0 keep it, so only waits are shortened and none is added.
+    0 keep it, so only waits are shortened and none is added. Alerts named in `keep`
+    keep their `for`.
     """
     data = yaml.safe_load(source.read_text(encoding="utf-8"))
     for group in data["groups"]:
         for rule in group["rules"]:
-            if "alert" in rule and not (keep_zero and _is_zero(str(rule.get("for", "0")))):
+            if "alert" not in rule or rule["alert"] in keep:
+                continue
+            if not (keep_zero and _is_zero(str(rule.get("for", "0")))):
                 rule["for"] = duration
     target.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return target
