@@ -184,9 +184,10 @@ def start_stack(
     tmp_path_factory: pytest.TempPathFactory,
     paths: dict[str, Path],
 ) -> Callable[..., AbstractContextManager[Any]]:
-    """``start_stack(name, duration, *, keep_zero=False, worker=None)``: livestack.live_stack
-    in a new temp folder named `name`, with the shipped configs and every `for` in
-    alerts.yml set to `duration` (see `write_rules_with_for`).
+    """``start_stack(name, duration, *, keep_zero=False, worker=None, timing=None)``:
+    livestack.live_stack in a new temp folder named `name`, with the shipped configs,
+    every `for` in alerts.yml set to `duration` (see `write_rules_with_for`) and
+    Alertmanager's route `timing` (no waits by default).
 
     A live test then names only what is its own; the servers, folders and configs it
     needs are the same for every one.
@@ -198,12 +199,16 @@ def start_stack(
         *,
         keep_zero: bool = False,
         worker: tuple[str, Callable[[int], str]] | None = None,
+        timing: dict[str, str] | None = None,
     ) -> AbstractContextManager[Any]:
         tmp = tmp_path_factory.mktemp(name)
         rules = write_rules_with_for(
             paths["alerts"], tmp / "alerts.yml", duration, keep_zero=keep_zero
         )
-        return livestack.live_stack(tmp, server_binaries, paths["exporters"], rules, worker)
+        return livestack.live_stack(
+            tmp, server_binaries, paths["exporters"], rules, worker,
+            livestack.NO_WAIT if timing is None else timing,
+        )
 
     return start
 
