@@ -531,15 +531,32 @@ def variables() -> list[Builder[dash_model.VariableModel]]:
     ]
 
 
+class _QueryAnnotation(dash.AnnotationQuery):
+    """An annotation whose ``target`` is a data source query, as Grafana's schema has it.
+
+    The SDK's builder only takes the built-in annotation target (tags, limit); its
+    ``expr()`` writes the pre-Grafana-8 top-level field that the schema no longer has.
+    """
+
+    def __init__(self, target: prometheus.Dataquery) -> None:
+        super().__init__()
+        self._query = target
+
+    def build(self) -> dash_model.AnnotationQuery:
+        built = super().build()
+        built.target = self._query.build()  # type: ignore[assignment]
+        return built
+
+
 def annotations() -> dash.AnnotationQuery:
     """Firing ctxtrace alerts drawn on every time series panel."""
+    alerts = query("Anno", 'ALERTS{alertname=~"Ctxtrace.*", alertstate="firing", job=~"$job"}')
     return (
-        dash.AnnotationQuery()
+        _QueryAnnotation(alerts)
         .name("Firing ctxtrace alerts")
         .datasource(DATASOURCE)
         .enable(True)
         .icon_color("red")
-        .expr('ALERTS{alertname=~"Ctxtrace.*", alertstate="firing", job=~"$job"}')
     )
 
 
@@ -630,9 +647,19 @@ def build() -> dash.Dashboard:
     return board
 
 
+#: Fields the SDK writes on every variable that only interval variables have; Grafana's
+#: schema has no such fields on the others (the type check rejects them).
+_INTERVAL_ONLY = ("auto", "auto_count", "auto_min")
+
+
 def render() -> str:
     """Stable text: sorted keys and a final newline, so regeneration diffs cleanly."""
-    return json.dumps(build().build(), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
+    data = json.loads(json.dumps(build().build(), cls=JSONEncoder))
+    for variable in data["templating"]["list"]:
+        if variable.get("type") != "interval":
+            for key in _INTERVAL_ONLY:
+                variable.pop(key, None)
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,19 @@ def test_committed_json_is_generator_output(
     assert generator.main(["--check"]) == 0
 
 
+def test_panel_types_are_grafana_panels(dashboard: dict[str, Any]) -> None:
+    """Each panel type is a Grafana panel plugin the SDK knows (the schema types `type` as
+    any string, so the type check cannot catch a misspelt one)."""
+    import importlib.util  # noqa: PLC0415 - only here
+
+    for panel in dashboard["panels"]:
+        kind = panel["type"]
+        known = kind == "row" or importlib.util.find_spec(
+            f"grafana_foundation_sdk.builders.{kind}"
+        )
+        assert known, f"{panel['title']}: unknown panel type {kind!r}"
+
+
 def test_identity(dashboard: dict[str, Any]) -> None:
     """A stable uid keeps links and provisioning working across re-imports."""
     assert dashboard["uid"] == "ctxtrace-flask-contexts"
@@ -66,7 +79,8 @@ def test_firing_alerts_are_annotations(dashboard: dict[str, Any]) -> None:
     """Firing ctxtrace alerts show on the time series panels."""
     (annotation,) = dashboard["annotations"]["list"]
     assert annotation["datasource"] == DATASOURCE
-    assert 'alertname=~"Ctxtrace.*"' in annotation["expr"]
+    assert annotation["target"]["datasource"] == DATASOURCE
+    assert 'alertname=~"Ctxtrace.*"' in annotation["target"]["expr"]
     assert annotation["enable"]
 
 
