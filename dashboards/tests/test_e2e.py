@@ -416,6 +416,75 @@ class TestFaultyTraffic:
         assert not empty, "queries without data:\n" + "\n".join(empty)
         assert not wrong, f"per-worker queries missing workers of {choices}:\n" + "\n".join(wrong)
 
+    def test_panels_show_each_workers_own_counts(
+        self, livestack: ModuleType, faulty: Run, dashboard: dict[str, Any]
+    ) -> None:
+        """Values, not just series: the workers table, the anomaly and out-of-context panels
+        and the stat show what each worker's own /metrics counted, under that worker."""
+        wanted = ("leaked", "wrong_pop")
+        expr = 'sum by (worker, anomaly) (ctxtrace_anomalies_total{anomaly=~"leaked|wrong_pop"})'
+
+        def settled() -> bool:
+            # Prometheus has scraped each worker's latest counts (the agent's sweep may
+            # still be finding leaks from the last round).
+            faulty.counts = faulty.shop.counts()
+            seen = {
+                (s["metric"]["worker"], s["metric"]["anomaly"]): float(s["value"][1])
+                for s in faulty.stack.query(expr)
+            }
+            return all(
+                seen.get((worker, anomaly)) == counts[anomaly]
+                for worker, counts in faulty.counts.items()
+                for anomaly in wanted
+            )
+
+        livestack.wait_for("Prometheus to hold each worker's counts", settled, faulty.logs, 30)
+        values = grafana_values(livestack, faulty, dashboard, None)
+        panels = {panel["title"]: panel for panel in dashboard["panels"]}
+
+        def instant(title: str, legend: str) -> dict[str, float]:
+            (target,) = [t for t in panels[title]["targets"] if t["legendFormat"] == legend]
+            result = faulty.stack.query(livestack.substitute(target["expr"], values))
+            return {s["metric"]["worker"]: float(s["value"][1]) for s in result}
+
+        for anomaly in wanted:
+            shown = instant("Workers and their anomaly counts", anomaly)
+            for worker, counts in faulty.counts.items():
+                assert shown[worker] == counts[anomaly], (anomaly, worker, shown, counts)
+
+        def peaks(title: str) -> dict[tuple[str, str], float]:
+            """The highest point of each series of a time series panel over the run."""
+            (target,) = panels[title]["targets"]
+            result = run_target(faulty, target, livestack.substitute(target["expr"], values))
+            return {
+                (s["metric"]["worker"], s["metric"].get("anomaly") or s["metric"]["proxy"]):
+                max(float(v) for _, v in s["values"])
+                for s in result
+            }
+
+        anomalies = peaks("Anomalies by anomaly and worker")
+        for worker in faulty.workers:
+            for anomaly in wanted:
+                assert anomalies[(worker, anomaly)] >= 1, (worker, anomaly, anomalies)
+        runtime = {
+            worker: total(scrape(target), "ctxtrace_out_of_context_access_total", phase="runtime")
+            for worker, target in faulty.shop.workers.items()
+        }
+        accesses = peaks("Runtime out-of-context accesses by worker and proxy")
+        for worker, count in runtime.items():
+            best = max((v for (w, _), v in accesses.items() if w == worker), default=0.0)
+            assert (best >= 1) == (count >= 1), (worker, count, accesses)
+        (stat,) = panels["Anomalies in range"]["targets"]
+        (result,) = faulty.stack.query(livestack.substitute(stat["expr"], values))
+        everything = sum(
+            counts[name] for counts in faulty.counts.values()
+            for name in ("leaked", "long_lived", "wrong_pop", "double_pop", "foreign_pop",
+                         "stale_context", "out_of_context_access")
+        )
+        # Whole numbers, and at least what the two workers counted (the master may add
+        # an access of its own).
+        assert float(result["value"][1]) == int(float(result["value"][1])) >= everything
+
     def test_dashboard_variables_list_app_and_both_workers(
         self, livestack: ModuleType, faulty: Run, dashboard: dict[str, Any]
     ) -> None:
