@@ -168,3 +168,14 @@ def test_generated_rules_are_current(paths: dict[str, Path]) -> None:
     spec.loader.exec_module(rules)
     text = rules.render(rules.load_config())
     assert paths["alerts"].read_text(encoding="utf-8") == text, "run python dashboards/generate.py"
+
+
+def test_every_anomaly_has_one_severity(paths: dict[str, Path]) -> None:
+    """Each anomaly the agent reports either pages, opens a ticket, or has its own alert."""
+    from ctxtrace._events import ANOMALIES  # noqa: PLC0415 - the agent's own table
+
+    config = yaml.safe_load((paths["dashboards"] / "config.yaml").read_text(encoding="utf-8"))
+    page = set(config["unbalanced_stack"]["page"]["anomalies"])
+    ticket = set(config["unbalanced_stack"]["ticket"]["anomalies"])
+    assert not page & ticket
+    assert page | ticket | {"long_lived"} == set(ANOMALIES)

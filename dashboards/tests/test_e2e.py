@@ -529,6 +529,16 @@ def healthy(
         # longest `for` plus a few evaluations, under traffic; every alert Prometheus
         # has meanwhile, pending or firing, is noted.
         wait_until_scraped(livestack, result, 1)
+        # Until the shop was scraped Prometheus had no ctxtrace series at all, so
+        # CtxtraceMetricsAbsent was rightly pending: wait for an evaluation that clears it.
+        livestack.wait_for(
+            "CtxtraceMetricsAbsent to clear once the shop is scraped",
+            lambda: not [
+                a for a in result.stack.alerts() if a["labels"]["alertname"] in FLEET_ALERTS
+            ],
+            result.logs,
+            10,
+        )
         until = time.monotonic() + longest_for(result.rules) + 4
         evaluated_after = time.time() + longest_for(result.rules) + 1
         while time.monotonic() < until:
