@@ -576,11 +576,14 @@ def runbook_sections(path: Path = RUNBOOK) -> dict[str, str]:
 
 def runbook_panel(alert: str, body: str) -> text.Panel:
     """The runbook section an alert's default runbook_url opens (viewPanel=panel-ID)."""
+    # Links to other sections of the runbook do not resolve inside Grafana: keep their
+    # words, drop the links.
+    words = re.sub(r"\[([^\]]+)\]\(#[^)]+\)", r"\1", body)
     return (
         text.Panel()
         .title(f"Runbook: {alert}")
         .mode(text_model.TextMode.MARKDOWN)
-        .content(f"## {alert}\n\n{body}")
+        .content(f"## {alert}\n\n{words}")
         .height(10)
         .span(12)
     )

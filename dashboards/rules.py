@@ -147,11 +147,15 @@ def _rule(
     if timing.get("keep_firing_for"):
         rule["keep_firing_for"] = str(timing["keep_firing_for"])
     rule["labels"] = {"severity": severity}
+    # The dashboard opened on the alert's job, and on its worker where it has one.
+    view = "?var-job={{ $labels.job | urlquery }}"
+    if "$labels.worker" in description:
+        view += "&var-worker={{ $labels.worker | urlquery }}"
     rule["annotations"] = {
         "summary": summary,
         "description": " ".join(description.split()),
         "runbook_url": runbook_url(config, name),
-        "dashboard_url": dashboard_url(config),
+        "dashboard_url": dashboard_url(config) + view,
     }
     return rule
 

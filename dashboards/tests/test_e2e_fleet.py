@@ -25,6 +25,7 @@ import contextlib
 import json
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -221,6 +222,11 @@ class TestNotifications:
         assert workers >= driven.leakers - driven.recycled, workers
         assert all(a["labels"]["severity"] == "critical" for a in page["alerts"])
         assert all(a["status"] == "firing" for a in page["alerts"])
+        # Each alert links to the dashboard opened on its job and worker.
+        for alert in page["alerts"]:
+            url = alert["annotations"]["dashboard_url"]
+            assert "var-job=ctxtrace" in url
+            assert f"var-worker={urllib.parse.quote_plus(alert['labels']['worker'])}" in url
 
     def test_one_ticket_for_the_masters_import_time_access(
         self, livestack: ModuleType, driven: Fleet
