@@ -2,22 +2,27 @@
 
 The JSON next to this file is committed so Grafana users can import it without Python, and
 it is generated rather than hand-edited so that every panel follows the same rules (the
-``datasource`` variable, ``$__rate_interval``, the ``app``/``worker`` filters); a test
-regenerates it and fails on any difference.
+``datasource`` variable, ``$__rate_interval``, the ``job``/``host``/``app``/``worker``
+filters); a test regenerates it and fails on any difference. The alert rules
+(``alerts.yml``, from ``config.yaml`` through ``rules.py``) are written by the same run, so
+the dashboard's runbook panels and the alerts' links to them cannot drift apart.
 
-Run ``python dashboards/generate.py`` to rewrite the JSON, ``--check`` to only compare.
+Run ``python dashboards/generate.py`` to rewrite both, ``--check`` to only compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from grafana_foundation_sdk.builders import common as common_builder
 from grafana_foundation_sdk.builders import dashboard as dash
-from grafana_foundation_sdk.builders import heatmap, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.builders import heatmap, prometheus, stat, table, text, timeseries
 from grafana_foundation_sdk.cog.builder import Builder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.cog.variants import Dataquery
@@ -25,21 +30,39 @@ from grafana_foundation_sdk.models import common as common_model
 from grafana_foundation_sdk.models import dashboard as dash_model
 from grafana_foundation_sdk.models import heatmap as heatmap_model
 from grafana_foundation_sdk.models import prometheus as prom_model
+from grafana_foundation_sdk.models import text as text_model
 
 from ctxtrace._events import ANOMALIES
 
 OUTPUT = Path(__file__).with_name("flask-contexts.json")
+RUNBOOK = Path(__file__).resolve().parents[1] / "docs" / "runbook.md"
 UID = "ctxtrace-flask-contexts"
+
+
+def _load_rules() -> ModuleType:
+    """dashboards/rules.py, by path: dashboards/ is not a package."""
+    spec = importlib.util.spec_from_file_location(
+        "ctxtrace_dashboard_rules", Path(__file__).with_name("rules.py")
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+rules = _load_rules()
 
 # Every query names the data source through the variable, so one imported copy of the
 # dashboard works against whichever Prometheus the viewer picks.
 DATASOURCE = dash_model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
-# Label filters.  ctxtrace_context_depth_max and the agent-health counters carry no `app`
-# label, so they are filtered by worker only; an `app=~"$app"` on them would match nothing
-# as soon as one app is picked.
-BY_APP = 'app=~"$app", worker=~"$worker"'
-BY_WORKER = 'worker=~"$worker"'
+# Label filters. job and host narrow the workers (a worker is host:pid:role; two matchers
+# on one label are both applied). ctxtrace_context_depth_max, the out-of-context and
+# agent-health counters and the process metrics carry no `app` label: they are filtered
+# by job, host and worker only, since an `app=~"$app"` on them would match nothing.
+BY_WORKER = 'job=~"$job", worker=~"$host:.*", worker=~"$worker"'
+BY_APP = f'app=~"$app", {BY_WORKER}'
 
 
 
@@ -57,6 +80,22 @@ def query(ref_id: str, expr: str, legend: str = "__auto") -> prometheus.Dataquer
 def rate(metric: str, selector: str) -> str:
     """rate() over Grafana's $__rate_interval, which never drops below four scrapes."""
     return f"rate({metric}{{{selector}}}[$__rate_interval])"
+
+
+def counted(metric: str, selector: str, window: str) -> str:
+    """What a counter counted in ``window``, exactly, first occurrences included.
+
+    A worker's counters start at 0 when it starts and never reset (a worker label is one
+    process), so the count is the last value minus the value a window ago; a series that
+    did not exist then (a new or just-started worker, an import-time access before the
+    first scrape) counted all of its value in the window. increase() would miss those and
+    extrapolate the rest into fractions.
+    """
+    series = f"{metric}{{{selector}}}"
+    return (
+        f"(max_over_time({series}[{window}]) - {series} offset {window})"
+        f" or max_over_time({series}[{window}])"
+    )
 
 
 def legend_table() -> common_builder.VizLegendOptions:
@@ -185,14 +224,16 @@ def stack_depth() -> timeseries.Panel:
     """Depth above 2 means contexts nested in one thread, often a forgotten pop."""
     return series_panel(
         "Deepest context stack per worker",
-        "Deepest stack of app and request contexts seen on any thread since the previous "
-        "scrape. A request normally needs two (one app, one request); more means nested "
+        "Deepest stack of app and request contexts seen on any thread (the agent keeps each "
+        "spike for a minute, for every reader; the panel takes the maximum over each "
+        "interval). A request normally needs two (one app, one request); more means nested "
         "app_context() blocks or contexts that were pushed and never popped.",
         "short",
         [
             query(
                 "A",
-                f"max by (worker) (ctxtrace_context_depth_max{{{BY_WORKER}}})",
+                "max by (worker) (max_over_time("
+                f"ctxtrace_context_depth_max{{{BY_WORKER}}}[$__rate_interval]))",
                 "{{worker}}",
             )
         ],
@@ -202,14 +243,16 @@ def stack_depth() -> timeseries.Panel:
 def anomaly_rates() -> timeseries.Panel:
     """One line per (anomaly, worker) pair: the culprit worker stands out."""
     return series_panel(
-        "Anomalies per second by anomaly and worker",
+        "Anomalies by anomaly and worker",
         "Leaked, long-lived, wrongly popped, double-popped, foreign-popped and stale "
-        "contexts. Each anomaly has a section in docs/runbook.md.",
-        "ops",
+        "contexts counted in each interval, first occurrences of a new worker included. "
+        "Each anomaly has a section in docs/runbook.md.",
+        "short",
         [
             query(
                 "A",
-                f"sum by (anomaly, worker) ({rate('ctxtrace_anomalies_total', BY_APP)})",
+                "sum by (anomaly, worker) ("
+                f"{counted('ctxtrace_anomalies_total', BY_APP, '$__rate_interval')})",
                 "{{anomaly}} {{worker}}",
             )
         ],
@@ -217,47 +260,137 @@ def anomaly_rates() -> timeseries.Panel:
 
 
 def out_of_context() -> timeseries.Panel:
-    """Import-time accesses happen once per process; runtime ones recur with traffic."""
+    """Runtime accesses recur with traffic: counted per interval, per worker and proxy."""
+    selector = f'phase="runtime", {BY_WORKER}'
     return series_panel(
-        "Out-of-context accesses by proxy and phase",
-        "Reads of current_app, g, request or session with no context pushed. phase=import "
-        "means module-level code (a burst when a worker starts); phase=runtime means a "
-        "thread or callback running without a context.",
-        "ops",
+        "Runtime out-of-context accesses by worker and proxy",
+        "Reads of current_app, g, request or session with no context pushed, by a thread "
+        "or callback running without a context, counted in each interval. Import-time "
+        "accesses (module-level code, once per process) are in the table next to it.",
+        "short",
         [
             query(
                 "A",
-                "sum by (proxy, phase) ("
-                f"{rate('ctxtrace_out_of_context_access_total', BY_WORKER)})",
-                "{{proxy}} {{phase}}",
+                "sum by (worker, proxy) ("
+                f"{counted('ctxtrace_out_of_context_access_total', selector, '$__rate_interval')})",
+                "{{worker}} {{proxy}}",
             )
         ],
+    ).span(16)
+
+
+def import_time_accesses() -> table.Panel:
+    """Import-time accesses happen before the first scrape: their value is the news."""
+    selector = f'phase="import", {BY_WORKER}'
+    return (
+        table.Panel()
+        .title("Import-time out-of-context accesses per worker")
+        .description(
+            "Processes whose module-level code read a Flask proxy while importing the app, "
+            "with the count per proxy (since the process started). Under gunicorn --preload "
+            "the master imports the app, so it is listed too."
+        )
+        .datasource(DATASOURCE)
+        .with_target(
+            query(
+                "A",
+                "max by (worker, proxy) (max_over_time("
+                f"ctxtrace_out_of_context_access_total{{{selector}}}[$__range])) > 0",
+                "{{worker}} {{proxy}}",
+            )
+            .instant()
+            .format(prom_model.PromQueryFormat.TABLE)
+        )
+        .with_transformation(
+            dash_model.DataTransformerConfig(
+                id_val="organize",
+                options={"excludeByName": {"Time": True}, "renameByName": {"Value": "accesses"}},
+            )
+        )
+        .unit("short")
+        .decimals(0)
+        .height(8)
+        .span(8)
     )
 
 
 def agent_health() -> timeseries.Panel:
     """The agent's own failures: errors it swallowed and records its bounds dropped."""
-    errors = f"sum by (component, worker) ({rate('ctxtrace_internal_errors_total', BY_WORKER)})"
-    # The agent exports an error counter per component only once that component has
-    # failed, so a healthy worker has none: fill in a zero line per worker (from the
-    # drop counters, which every agent exports from its start) so that "no errors" shows
-    # as 0 rather than as "No data", which would look the same as a worker not scraped.
-    zero = f"0 * group by (worker) (ctxtrace_dropped_total{{{BY_WORKER}}})"
     return series_panel(
         "Agent internal errors and drops",
         "Errors ctxtrace caught in its own code (the application was not affected) and "
-        "records it turned away because a bound was full. Either one means the other "
-        "panels undercount. A worker without errors shows one error line at 0.",
-        "ops",
+        "records it turned away because a bound was full, per interval. Either one means "
+        "the other panels undercount. Every agent exports both at 0 from its start.",
+        "short",
         [
-            query("A", f"{errors} or on (worker) {zero}", "error {{worker}} {{component}}"),
+            query(
+                "A",
+                "sum by (component, worker) ("
+                f"{counted('ctxtrace_internal_errors_total', BY_WORKER, '$__rate_interval')})",
+                "error {{worker}} {{component}}",
+            ),
             query(
                 "B",
-                f"sum by (what, worker) ({rate('ctxtrace_dropped_total', BY_WORKER)})",
+                "sum by (what, worker) ("
+                f"{counted('ctxtrace_dropped_total', BY_WORKER, '$__rate_interval')})",
                 "dropped {{worker}} {{what}}",
             ),
         ],
-    ).span(24)
+    )
+
+
+def scrapes() -> timeseries.Panel:
+    """Whether Prometheus reaches each worker, and how long a scrape takes."""
+    return series_panel(
+        "Scrapes per worker: up and duration",
+        "up is 1 while Prometheus scrapes the worker's /metrics, 0 when a scrape fails "
+        "(CtxtraceTargetDown). A worker that is gone (recycled, scaled down) ends its line. "
+        "Scrape duration should stay far below the scrape interval.",
+        "short",
+        [
+            query("A", f"max by (worker) (up{{{BY_WORKER}}})", "up {{worker}}"),
+            query(
+                "B",
+                f"max by (worker) (scrape_duration_seconds{{{BY_WORKER}}})",
+                "scrape s {{worker}}",
+            ),
+        ],
+    )
+
+
+def process_memory() -> timeseries.Panel:
+    """A leak's memory growth shows beside its anomalies."""
+    return series_panel(
+        "Worker memory (resident)",
+        "Resident memory of each worker process (prometheus_client's process collector, "
+        "served beside the agent's metrics). Leaked contexts keep what they hold alive: "
+        "a steady climb next to leaks is the leak's cost.",
+        "bytes",
+        [
+            query(
+                "A",
+                f"max by (worker) (process_resident_memory_bytes{{{BY_WORKER}}})",
+                "{{worker}}",
+            )
+        ],
+    )
+
+
+def process_cpu() -> timeseries.Panel:
+    """CPU per worker: the agent's cost and the application's load, together."""
+    return series_panel(
+        "Worker CPU",
+        "CPU seconds per second used by each worker process (the application and the "
+        "agent together).",
+        "percentunit",
+        [
+            query(
+                "A",
+                f"sum by (worker) ({rate('process_cpu_seconds_total', BY_WORKER)})",
+                "{{worker}}",
+            )
+        ],
+    )
 
 
 def total_anomalies() -> stat.Panel:
@@ -266,16 +399,19 @@ def total_anomalies() -> stat.Panel:
         stat.Panel()
         .title("Anomalies in range")
         .description(
-            "Anomalies recorded by the selected workers in the time range; 0 (green) when "
-            "no worker has an anomaly counter yet."
+            "Anomalies and out-of-context accesses recorded by the selected workers in the "
+            "time range, first occurrences included; 0 (green) when there were none."
         )
         .datasource(DATASOURCE)
         .with_target(
             query(
                 "A",
-                # `or vector(0)`: counters exist only after a first anomaly; show 0, not
-                # "No data", for a fleet that never had one.
-                f"sum(increase(ctxtrace_anomalies_total{{{BY_APP}}}[$__range])) or vector(0)",
+                # `or vector(0)`: a fleet that never served a context has no anomaly
+                # series at all; show 0 for it, not "No data".
+                f"(sum({counted('ctxtrace_anomalies_total', BY_APP, '$__range')}) or vector(0))"
+                " + (sum("
+                f"{counted('ctxtrace_out_of_context_access_total', BY_WORKER, '$__range')})"
+                " or vector(0))",
                 "anomalies",
             ).instant()
         )
@@ -301,28 +437,27 @@ def _worker_columns() -> list[tuple[str, str, str]]:
     """(ref id, header, instant query summed by worker) for each workers-table column."""
     columns = [("A", "active contexts", f"sum by (worker) (ctxtrace_contexts_active{{{BY_APP}}})")]
     for index, anomaly in enumerate(ANOMALIES, start=1):
+        selector = f'anomaly="{anomaly}", {BY_APP}'
         columns.append(
             (
                 chr(ord("A") + index),
                 anomaly,
-                f'sum by (worker) (ctxtrace_anomalies_total{{anomaly="{anomaly}", {BY_APP}}})',
+                f"sum by (worker) ({counted('ctxtrace_anomalies_total', selector, '$__range')})",
             )
         )
-    columns.append(
-        (
-            chr(ord("A") + len(columns)),
-            "out of context",
-            f"sum by (worker) (ctxtrace_out_of_context_access_total{{{BY_WORKER}}})",
-        )
-    )
+    for phase in ("import", "runtime"):
+        selector = f'phase="{phase}", {BY_WORKER}'
+        access = counted("ctxtrace_out_of_context_access_total", selector, "$__range")
+        ref_id = chr(ord("A") + len(columns))
+        columns.append((ref_id, f"out of context ({phase})", f"sum by (worker) ({access})"))
     return columns
 
 
 def workers_table() -> table.Panel:
-    """Current anomaly totals per worker, zero-filled so clean workers are listed too."""
-    # A counter series only exists once an anomaly happened; `or` with a zero per known
-    # worker keeps a healthy worker in the table instead of silently leaving it out.
-    zero = f"0 * group by (worker) (ctxtrace_contexts_total{{{BY_APP}}})"
+    """Anomalies per worker in the time range, zero-filled so clean workers are listed too."""
+    # Every process exports its drop counters from its start: `or` with a zero per process
+    # seen in the range keeps a clean, an idle or a recycled worker in the table.
+    zero = f"0 * group by (worker) (max_over_time(ctxtrace_dropped_total{{{BY_WORKER}}}[$__range]))"
     columns = _worker_columns()
     targets: list[Builder[Dataquery]] = [
         query(ref_id, f"{expr} or {zero}", header)
@@ -335,8 +470,9 @@ def workers_table() -> table.Panel:
         table.Panel()
         .title("Workers and their anomaly counts")
         .description(
-            "Per worker: contexts active now and each anomaly counter's current value "
-            "(since the worker started). Sort by a column to find the worst worker."
+            "Per worker process seen in the time range (recycled ones included): contexts "
+            "active now, and how many of each anomaly and out-of-context access it recorded "
+            "in the range. Sort by a column to find the worst worker."
         )
         .datasource(DATASOURCE)
         .targets(targets)
@@ -355,7 +491,13 @@ def workers_table() -> table.Panel:
 
 
 def variables() -> list[Builder[dash_model.VariableModel]]:
-    """datasource, then app, then worker narrowed by the chosen app."""
+    """datasource, then job, host and worker cascading, and app.
+
+    Every list comes from ``ctxtrace_dropped_total``, which each agent exports from its
+    start: a process that has not served a request yet (a fresh worker, a gunicorn master
+    under --preload) is listed too. "All" is the regex ``.*``, not the list of every
+    ``host:pid:role`` ever seen, which --max-requests makes thousands long.
+    """
 
     def label_values(name: str, source: str, label: str) -> dash.QueryVariable:
         return (
@@ -367,23 +509,91 @@ def variables() -> list[Builder[dash_model.VariableModel]]:
             .sort(dash_model.VariableSort.ALPHABETICAL_ASC)
             .multi(True)
             .include_all(True)
+            .all_value(".*")
             .current(dash_model.VariableOption(selected=True, text="All", value="$__all"))
         )
 
     return [
         dash.DatasourceVariable("datasource").label("Data source").type("prometheus"),
-        label_values("app", "label_values(ctxtrace_contexts_total, app)", "App").all_value(".*"),
-        # No ".*" shortcut for worker: "All" must expand to the workers of the chosen apps,
-        # because the metrics without an `app` label are narrowed to an app only this way.
+        label_values("job", "label_values(ctxtrace_dropped_total, job)", "Job"),
+        # worker is host:pid:role; the host is its first part.
         label_values(
-            "worker", 'label_values(ctxtrace_contexts_total{app=~"$app"}, worker)', "Worker"
+            "host", 'label_values(ctxtrace_dropped_total{job=~"$job"}, worker)', "Host"
+        ).regex("/^([^:]+):/"),
+        label_values(
+            "app", 'label_values(ctxtrace_contexts_total{job=~"$job"}, app)', "App"
+        ),
+        label_values(
+            "worker",
+            'label_values(ctxtrace_dropped_total{job=~"$job", worker=~"$host:.*"}, worker)',
+            "Worker",
         ),
     ]
 
 
+class _QueryAnnotation(dash.AnnotationQuery):
+    """An annotation whose ``target`` is a data source query, as Grafana's schema has it.
+
+    The SDK's builder only takes the built-in annotation target (tags, limit); its
+    ``expr()`` writes the pre-Grafana-8 top-level field that the schema no longer has.
+    """
+
+    def __init__(self, target: prometheus.Dataquery) -> None:
+        super().__init__()
+        self._query = target
+
+    def build(self) -> dash_model.AnnotationQuery:
+        built = super().build()
+        built.target = self._query.build()  # type: ignore[assignment]
+        return built
+
+
+def annotations() -> dash.AnnotationQuery:
+    """Firing ctxtrace alerts drawn on every time series panel."""
+    alerts = query("Anno", 'ALERTS{alertname=~"Ctxtrace.*", alertstate="firing", job=~"$job"}')
+    return (
+        _QueryAnnotation(alerts)
+        .name("Firing ctxtrace alerts")
+        .datasource(DATASOURCE)
+        .enable(True)
+        .icon_color("red")
+    )
+
+
+def runbook_sections(path: Path = RUNBOOK) -> dict[str, str]:
+    """Each alert's section of docs/runbook.md (``### Name`` up to the next heading)."""
+    sections: dict[str, str] = {}
+    for match in re.finditer(
+        r"^### (Ctxtrace\w+)\n(.*?)(?=^#{1,3} |^---)", path.read_text(encoding="utf-8"),
+        re.MULTILINE | re.DOTALL,
+    ):
+        sections[match.group(1)] = match.group(2).strip() + "\n"
+    missing = set(rules.ALERTS) - set(sections)
+    if missing:
+        raise SystemExit(f"docs/runbook.md has no section for {sorted(missing)}")
+    return sections
+
+
+def runbook_panel(alert: str, body: str) -> text.Panel:
+    """The runbook section an alert's default runbook_url opens (viewPanel=panel-ID)."""
+    # Links to other sections of the runbook do not resolve inside Grafana: keep their
+    # words, drop the links.
+    words = re.sub(r"\[([^\]]+)\]\(#[^)]+\)", r"\1", body)
+    return (
+        text.Panel()
+        .title(f"Runbook: {alert}")
+        .mode(text_model.TextMode.MARKDOWN)
+        .content(f"## {alert}\n\n{words}")
+        .height(10)
+        .span(12)
+    )
+
+
 def build() -> dash.Dashboard:
     """The whole dashboard, rows top to bottom in the order an on-call reads them."""
-    return (
+    config = rules.load_config()
+    first = next(iter(rules.ALERTS))
+    board = (
         dash.Dashboard("Flask contexts")
         .uid(UID)
         .description(
@@ -397,18 +607,29 @@ def build() -> dash.Dashboard:
         .refresh("1m")
         .timezone("browser")
         .variables(variables())
+        .annotation(annotations())
         .link(
             dash.DashboardLink("Runbook")
             .type(dash_model.DashboardLinkType.LINK)
-            .url("https://github.com/ctxtrace/ctxtrace/blob/main/docs/runbook.md")
+            .url(f"{rules.dashboard_url(config)}?viewPanel=panel-{rules.ALERTS[first]}")
             .icon("doc")
             .target_blank(True)
         )
-        .with_row(dash.Row("Anomalies").id(1))
+        .link(
+            dash.DashboardLink("Firing alerts")
+            .type(dash_model.DashboardLinkType.LINK)
+            .url(f"{str(config['grafana_url']).rstrip('/')}/alerting/list?search=Ctxtrace")
+            .icon("bolt")
+            .target_blank(True)
+        )
+    )
+    board = (
+        board.with_row(dash.Row("Anomalies").id(1))
         .with_panel(total_anomalies().id(2))
         .with_panel(anomaly_rates().id(3).span(18))
         .with_panel(workers_table().id(4))
-        .with_panel(out_of_context().id(5).span(24))
+        .with_panel(out_of_context().id(5))
+        .with_panel(import_time_accesses().id(15))
         .with_row(dash.Row("Lifetimes and stacks").id(6))
         .with_panel(lifetime_quantiles().id(7))
         .with_panel(pushes().id(8))
@@ -418,12 +639,30 @@ def build() -> dash.Dashboard:
         .with_panel(stack_depth().id(12))
         .with_row(dash.Row("Agent health").id(13))
         .with_panel(agent_health().id(14))
+        .with_panel(scrapes().id(16))
+        .with_panel(process_memory().id(17))
+        .with_panel(process_cpu().id(18))
+        .with_row(dash.Row("Runbook").id(100))
     )
+    for alert, body in runbook_sections().items():
+        if alert in rules.ALERTS:
+            board = board.with_panel(runbook_panel(alert, body).id(rules.ALERTS[alert]))
+    return board
+
+
+#: Fields the SDK writes on every variable that only interval variables have; Grafana's
+#: schema has no such fields on the others (the type check rejects them).
+_INTERVAL_ONLY = ("auto", "auto_count", "auto_min")
 
 
 def render() -> str:
     """Stable text: sorted keys and a final newline, so regeneration diffs cleanly."""
-    return json.dumps(build().build(), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
+    data = json.loads(json.dumps(build().build(), cls=JSONEncoder))
+    for variable in data["templating"]["list"]:
+        if variable.get("type") != "interval":
+            for key in _INTERVAL_ONLY:
+                variable.pop(key, None)
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,14 +671,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare only, write nothing")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
-    text = render()
+    outputs = {args.output: render(), rules.OUTPUT: rules.render(rules.load_config())}
     if args.check:
-        current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
-        if current != text:
-            print(f"{args.output} is stale: run python dashboards/generate.py", file=sys.stderr)
-            return 1
-        return 0
-    args.output.write_text(text, encoding="utf-8")
+        stale = [
+            path for path, wanted in outputs.items()
+            if (path.read_text(encoding="utf-8") if path.exists() else "") != wanted
+        ]
+        for path in stale:
+            print(f"{path} is stale: run python dashboards/generate.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path, wanted in outputs.items():
+        path.write_text(wanted, encoding="utf-8")
     return 0
 
 

@@ -64,6 +64,17 @@ FEED_BURST_S: Final = 0.05
 #: finishing faster than it counts (it never does, by a wide margin: a bound).
 MAX_TAKE: Final = 1 << 18
 PHASES: Final = ("import", "runtime")
+#: Seconds the deepest-stack gauge remembers a depth: every reader that collects within
+#: this time after a spike sees it (an HA pair of Prometheus servers, ``ctxtrace report``,
+#: a curl), where a reset-on-read gauge gave it to whichever came first. Longer than the
+#: usual 15 s scrape interval by a margin; the dashboard takes max_over_time on top.
+DEPTH_WINDOW_S: Final = 60.0
+#: Width of one slot of that window, in seconds (the window keeps a handful of slots).
+DEPTH_SLOT_S: Final = 15.0
+#: Components whose error counters exist from the start, at 0: the hook layer, the ledger
+#: and its watchdog, and the emitters. Others (exporters, integrations) appear with their
+#: first error.
+CORE_COMPONENTS: Final = ("hooks", "ledger", "watchdog", "metrics", "spans", "logs")
 _MAX_APPS: Final = 64
 _OTHER: Final = "other"
 
@@ -88,6 +99,38 @@ class ExactCounts:
 
     def items(self) -> list[tuple[tuple[str, ...], int]]:
         return [(key, read_count(c)) for key, c in list(self._counts.items())]
+
+
+class DepthWindow:
+    """The deepest stack of the last ``DEPTH_WINDOW_S`` seconds, for any number of readers.
+
+    The ledger hands its maximum over and resets it (``take_depth_max``); each reading
+    goes into a slot of ``DEPTH_SLOT_S`` seconds, and a reader gets the largest of the
+    slots still inside the window. Reading never takes a spike away from the next reader.
+    """
+
+    def __init__(self, take: Callable[[], int], clock: Callable[[], float] = time.monotonic):
+        self._take = take
+        self._clock = clock
+        self._slots: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Forget every slot (a forked child starts from its own stacks)."""
+        self._lock = threading.Lock()
+        self._slots = {}
+        self._take()
+
+    def read(self) -> int:
+        depth = self._take()
+        slot = int(self._clock() // DEPTH_SLOT_S)
+        oldest = slot - int(DEPTH_WINDOW_S // DEPTH_SLOT_S) + 1
+        with self._lock:
+            if depth > self._slots.get(slot, 0):
+                self._slots[slot] = depth
+            for old in [s for s in self._slots if s < oldest]:
+                del self._slots[old]
+            return max(self._slots.values(), default=0)
 
 
 class DurationFeed:
@@ -218,6 +261,7 @@ class MetricsEmitter:
         self._base: dict[str, Any] = {"pushes": {}, "errors": {}, "context": 0, "log": 0}
         self._binding: Binding | None = None
         self._inherited: PrivateMetrics | None = None
+        self.depth = DepthWindow(host.take_depth_max)
 
     # -- events (any thread; must be cheap) ---------------------------------
 
@@ -370,7 +414,7 @@ class MetricsEmitter:
             "errors": self._host.errors.counts(),
             **self._host.dropped(),
         }
-        self._host.take_depth_max()
+        self.depth.reset()
         self.anomalies = ExactCounts()
         self.accesses = ExactCounts()
         self.feed.rebase({(s.kind, s.app): s.pops for s in snapshot})
@@ -423,7 +467,7 @@ class MetricsEmitter:
         ]
 
     def observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._host.take_depth_max(), {"worker": self._host.worker})]
+        return [Observation(self.depth.read(), {"worker": self._host.worker})]
 
     def observe_anomalies(self, options: CallbackOptions) -> Iterable[Observation]:
         worker = self._host.worker
@@ -450,9 +494,13 @@ class MetricsEmitter:
     def observe_errors(self, options: CallbackOptions) -> Iterable[Observation]:
         worker = self._host.worker
         base = self._base["errors"]
+        # The core components' series exist at 0 from the start: a first error is then
+        # a step a rate() and an increase() see, and a healthy worker shows 0, not nothing.
+        counts = dict.fromkeys(CORE_COMPONENTS, 0)
+        counts.update(self._host.errors.counts())
         return [
             Observation(n - base.get(component, 0), {"component": component, "worker": worker})
-            for component, n in self._host.errors.counts().items()
+            for component, n in counts.items()
         ]
 
     def dropped(self) -> dict[str, int]:
@@ -535,7 +583,7 @@ def create_instruments(meter: Meter, binding: Binding) -> Histogram:
         (meter.create_observable_up_down_counter, "ctxtrace.contexts.active", "observe_active",
          "{context}", "Flask contexts pushed and not yet popped."),
         (meter.create_observable_gauge, "ctxtrace.context.depth_max", "observe_depth",
-         "{context}", "Deepest context stack since the last collection."),
+         "{context}", "Deepest context stack in the last minute."),
         (meter.create_observable_counter, "ctxtrace.anomalies", "observe_anomalies",
          "{anomaly}", "Context anomalies, except out-of-context access."),
         (meter.create_observable_counter, "ctxtrace.out_of_context_access", "observe_accesses",

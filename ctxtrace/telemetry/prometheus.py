@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
+from prometheus_client import REGISTRY, CollectorRegistry, ProcessCollector, make_wsgi_app
 
 from ctxtrace.telemetry.pids import alive
 
@@ -495,6 +495,18 @@ def bind(registry: Any, host: str, ports: tuple[int, int]) -> Endpoint:
     raise OSError(f"no free port in {low}-{high} on {host}") from last
 
 
+def add_process_metrics(registry: Any) -> None:
+    """``process_start_time_seconds``, memory, CPU and open files, beside the OTel series.
+
+    prometheus_client's own process collector (the default registry has one; ours is a
+    registry of its own, so it gets one here). It reads ``/proc/self`` at each scrape,
+    so a forked worker reports its own start and memory. The start time is what the
+    alert rules use to tell a new worker's first anomaly from an old series seen again
+    after a scrape gap. Where ``/proc`` is missing (macOS) it exports nothing.
+    """
+    ProcessCollector(registry=registry)
+
+
 def serve(worker: str, config: Config) -> tuple[Endpoint, PrometheusMetricReader]:
     """A Prometheus reader on a registry of its own, served on this worker's endpoint."""
     # A registry per reader: restarts (and forks) make several in one process,
@@ -508,6 +520,8 @@ def serve(worker: str, config: Config) -> tuple[Endpoint, PrometheusMetricReader
         # down (unregistered) before the next one starts.
         reader = PrometheusMetricReader()
         registry = REGISTRY
+    else:
+        add_process_metrics(registry)
     try:
         endpoint = bind(registry, config.prometheus_host, config.prometheus_port)
     except BaseException:

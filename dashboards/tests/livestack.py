@@ -323,10 +323,19 @@ def prometheus_config(
     return config
 
 
-def alertmanager_config(exporters: Path, webhook_port: int) -> dict[str, Any]:
-    """exporters/alertmanager.yml with webhooks to the test and no waiting."""
+#: Alertmanager's waits in most live tests: none worth the name.
+NO_WAIT = {"group_wait": "1s", "group_interval": "1s"}
+
+
+def alertmanager_config(
+    exporters: Path, webhook_port: int, timing: Mapping[str, str] = NO_WAIT
+) -> dict[str, Any]:
+    """exporters/alertmanager.yml with webhooks to the test and `timing` (group_wait,
+    group_interval, ...) on its route: no waiting unless a test counts notifications."""
     config: dict[str, Any] = yaml.safe_load((exporters / "alertmanager.yml").read_text())
-    config["route"].update(group_wait="1s", group_interval="1s")
+    config["route"].update(timing)
+    # Template paths are relative to the config file, which the test writes elsewhere.
+    config["templates"] = [str(exporters / name) for name in config.get("templates", [])]
     for receiver in config["receivers"]:
         for hook in receiver.get("webhook_configs", []):
             path = urllib.parse.urlsplit(hook["url"]).path
@@ -352,6 +361,7 @@ def prometheus_and_alertmanager(
     targets: Path,
     webhook_port: int,
     recorder: Recorder,
+    timing: Mapping[str, str] = NO_WAIT,
 ) -> Iterator[Stack]:
     """Prometheus (the shipped config, 1 s intervals, `rules`, file_sd over `targets`) and
     Alertmanager (the shipped config, webhooks to `webhook_port`), ready when yielded."""
@@ -360,7 +370,7 @@ def prometheus_and_alertmanager(
         yaml.safe_dump(prometheus_config(exporters, rules, targets, am_port))
     )
     (tmp / "alertmanager.yml").write_text(
-        yaml.safe_dump(alertmanager_config(exporters, webhook_port))
+        yaml.safe_dump(alertmanager_config(exporters, webhook_port, timing))
     )
     with Processes() as processes:
         processes.start(
@@ -402,6 +412,7 @@ def live_stack(
     exporters: Path,
     rules: Path,
     worker: tuple[str, Callable[[int], str]] | None = None,
+    timing: Mapping[str, str] = NO_WAIT,
 ) -> Iterator[Stack]:
     """What every live test runs: SIGTERM as Ctrl-C, the webhook, then Prometheus and
     Alertmanager with file_sd over ``tmp/targets``; all stopped when the block ends.
@@ -419,7 +430,7 @@ def live_stack(
             target = [{"targets": [f"127.0.0.1:{port}"], "labels": {"worker": worker[0]}}]
             (targets / f"{worker[0]}.json").write_text(json.dumps(target))
         with prometheus_and_alertmanager(
-            tmp, binaries, exporters, rules, targets, port, recorder
+            tmp, binaries, exporters, rules, targets, port, recorder, timing
         ) as stack:
             yield stack
 

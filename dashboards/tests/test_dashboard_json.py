@@ -14,8 +14,8 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 
 def query_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    """Panels that run queries (rows only group them)."""
-    return [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    """Panels that run queries (rows only group them; text panels hold the runbook)."""
+    return [panel for panel in dashboard["panels"] if panel["type"] not in {"row", "text"}]
 
 
 def test_committed_json_is_generator_output(
@@ -27,6 +27,19 @@ def test_committed_json_is_generator_output(
     assert generator.main(["--check"]) == 0
 
 
+def test_panel_types_are_grafana_panels(dashboard: dict[str, Any]) -> None:
+    """Each panel type is a Grafana panel plugin the SDK knows (the schema types `type` as
+    any string, so the type check cannot catch a misspelt one)."""
+    import importlib.util  # noqa: PLC0415 - only here
+
+    for panel in dashboard["panels"]:
+        kind = panel["type"]
+        known = kind == "row" or importlib.util.find_spec(
+            f"grafana_foundation_sdk.builders.{kind}"
+        )
+        assert known, f"{panel['title']}: unknown panel type {kind!r}"
+
+
 def test_identity(dashboard: dict[str, Any]) -> None:
     """A stable uid keeps links and provisioning working across re-imports."""
     assert dashboard["uid"] == "ctxtrace-flask-contexts"
@@ -36,26 +49,60 @@ def test_identity(dashboard: dict[str, Any]) -> None:
 
 
 def test_variables(dashboard: dict[str, Any]) -> None:
-    """datasource picks a Prometheus; app and worker come from label_values() over it."""
+    """datasource picks a Prometheus; job, host and worker cascade; "All" is a regex.
+
+    The lists come from a series every agent exports from its start (so a process that
+    has served nothing yet is listed), and "All" is ``.*`` rather than every
+    host:pid:role ever seen.
+    """
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert list(variables)[:3] == ["datasource", "app", "worker"]
+    assert list(variables) == ["datasource", "job", "host", "app", "worker"]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for name in ("app", "worker"):
+    for name in ("job", "host", "app", "worker"):
         variable = variables[name]
         assert variable["type"] == "query"
         assert variable["datasource"] == DATASOURCE
         assert variable["query"].startswith("label_values(")
-        assert variable["query"].endswith(f", {name})")
         assert variable["includeAll"]
         assert variable["multi"]
-    # worker is narrowed by app, so picking an app narrows the worker list.
-    assert "$app" in variables["worker"]["query"]
+        assert variable["allValue"] == ".*", name
+    for name in ("job", "host", "worker"):
+        assert "ctxtrace_dropped_total" in variables[name]["query"], name
+    assert variables["host"]["regex"] == "/^([^:]+):/"
+    assert "$job" in variables["host"]["query"]
+    assert "$job" in variables["worker"]["query"]
+    assert "$host" in variables["worker"]["query"]
+
+
+def test_firing_alerts_are_annotations(dashboard: dict[str, Any]) -> None:
+    """Firing ctxtrace alerts show on the time series panels."""
+    (annotation,) = dashboard["annotations"]["list"]
+    assert annotation["datasource"] == DATASOURCE
+    assert annotation["target"]["datasource"] == DATASOURCE
+    assert 'alertname=~"Ctxtrace.*"' in annotation["target"]["expr"]
+    assert annotation["enable"]
+
+
+def test_runbook_panels_match_the_alerts_links(
+    dashboard: dict[str, Any], alert_rules: list[dict[str, Any]]
+) -> None:
+    """Each alert's default runbook_url opens a text panel holding its runbook section."""
+    panels = {panel["id"]: panel for panel in dashboard["panels"]}
+    for rule in alert_rules:
+        url = rule["annotations"]["runbook_url"]
+        match = re.search(r"/d/ctxtrace-flask-contexts/.*viewPanel=panel-(\d+)$", url)
+        assert match, url
+        panel = panels[int(match.group(1))]
+        assert panel["type"] == "text"
+        assert panel["options"]["content"].startswith(f"## {rule['alert']}\n")
 
 
 def test_every_panel_and_target_uses_the_datasource_variable(dashboard: dict[str, Any]) -> None:
     """No panel or query is pinned to one Grafana instance's data source uid."""
     for panel in query_panels(dashboard):
+        if panel["type"] == "text":
+            continue
         assert panel["datasource"] == DATASOURCE, panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
@@ -73,7 +120,9 @@ def test_every_rate_uses_rate_interval(dashboard: dict[str, Any]) -> None:
                 assert match.group(2) == "$__rate_interval", (panel["title"], expr)
             for duration in re.findall(r"\[([^\]]+)\]", expr):
                 assert duration in {"$__rate_interval", "$__range"}, (panel["title"], expr)
-    assert rates >= 8
+            for duration in re.findall(r"\boffset\s+(\$\w+)", expr):
+                assert duration in {"$__rate_interval", "$__range"}, (panel["title"], expr)
+    assert rates >= 4
 
 
 def test_filters_follow_the_variables(dashboard: dict[str, Any]) -> None:
@@ -84,10 +133,14 @@ def test_filters_follow_the_variables(dashboard: dict[str, Any]) -> None:
     )
     for panel in query_panels(dashboard):
         for target in panel["targets"]:
-            selectors = re.findall(r"(ctxtrace_\w+)(\{[^}]*\})?", target["expr"])
+            selectors = re.findall(
+                r"\b(ctxtrace_\w+|process_\w+|up|scrape_duration_seconds)(\{[^}]*\})?",
+                target["expr"],
+            )
             assert selectors, target["expr"]
             for metric, matchers in selectors:
-                assert 'worker=~"$worker"' in matchers, (panel["title"], metric)
+                for matcher in ('job=~"$job"', 'worker=~"$host:.*"', 'worker=~"$worker"'):
+                    assert matcher in matchers, (panel["title"], metric, matcher)
                 if with_app.fullmatch(metric):
                     assert 'app=~"$app"' in matchers, (panel["title"], metric)
                 else:
@@ -139,18 +192,36 @@ def test_required_views_are_present(dashboard: dict[str, Any]) -> None:
         for p in with_expr("ctxtrace_anomalies_total")
         for t in p["targets"]
     )
+    # Runtime accesses per worker; import-time ones (before the first scrape) as a table.
+    accesses = with_expr("ctxtrace_out_of_context_access_total")
     assert any(
-        "by (proxy, phase)" in t["expr"]
-        for p in with_expr("ctxtrace_out_of_context_access_total")
+        "by (worker, proxy)" in t["expr"] and 'phase="runtime"' in t["expr"]
+        for p in accesses
         for t in p["targets"]
     )
+    assert any(
+        p["type"] == "table" and 'phase="import"' in t["expr"]
+        for p in accesses
+        for t in p["targets"]
+    )
+    # The stat counts out-of-context accesses too.
+    (total,) = [p for p in panels if p["type"] == "stat"]
+    assert "ctxtrace_out_of_context_access_total" in total["targets"][0]["expr"]
+    # Spikes between two scrapes are kept.
+    (depth,) = with_expr("ctxtrace_context_depth_max")
+    assert all("max_over_time(" in t["expr"] for t in depth["targets"])
     health = with_expr("ctxtrace_internal_errors_total")
     assert health
-    assert health == with_expr("ctxtrace_dropped_total")
+    assert health == [p for p in with_expr("ctxtrace_dropped_total") if p["type"] != "table"]
+    for metric in ("up{", "scrape_duration_seconds", "process_resident_memory_bytes",
+                   "process_cpu_seconds_total"):
+        assert with_expr(metric), metric
     tables = [p for p in panels if p["type"] == "table"]
     assert tables
     assert all(t["format"] == "table" and t["instant"] for t in tables[0]["targets"])
     assert any("ctxtrace_anomalies_total" in t["expr"] for t in tables[0]["targets"])
+    # The table counts over the dashboard's range, so a recycled worker keeps its row.
+    assert all("$__range" in t["expr"] for t in tables[0]["targets"][1:])
 
 
 def test_expressions_parse(promtool: str, dashboard: dict[str, Any], tmp_path: Path) -> None:
@@ -159,7 +230,10 @@ def test_expressions_parse(promtool: str, dashboard: dict[str, Any], tmp_path: P
     promtool has no bare "parse this query" command, so the queries are written as
     recording rules and checked with `promtool check rules`.
     """
-    substitutions = {"$__rate_interval": "1m", "$__range": "1h", "$app": "shop", "$worker": "w1"}
+    substitutions = {
+        "$__rate_interval": "1m", "$__range": "1h", "$app": "shop", "$worker": "w1",
+        "$job": "ctxtrace", "$host": "web-1",
+    }
     rules = []
     for number, panel in enumerate(query_panels(dashboard)):
         for target in panel["targets"]:

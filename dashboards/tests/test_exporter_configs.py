@@ -72,6 +72,26 @@ def test_alertmanager_routes_by_severity(amtool: str, paths: dict[str, Path]) ->
         assert result.stdout.split() == [receiver], (labels, result.stdout)
 
 
+def test_alertmanager_groups_by_what_a_person_acts_on(paths: dict[str, Path]) -> None:
+    """One notification per alert, app and job, never one per worker process."""
+    config = load(paths["exporters"] / "alertmanager.yml")
+    group_by = config["route"]["group_by"]
+    assert set(group_by) == {"alertname", "app", "job"}
+    for route in config["route"].get("routes", []):
+        assert "worker" not in route.get("group_by", []), route
+
+
+def test_alertmanager_template_lists_the_workers(amtool: str, paths: dict[str, Path]) -> None:
+    """The notification text template renders and names the workers of a group."""
+    template = paths["exporters"] / "ctxtrace.tmpl"
+    result = run(
+        amtool, "template", "render", f"--template.glob={template}",
+        '--template.text={{ template "ctxtrace.text" . }}',
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Workers (" in result.stdout
+
+
 def test_alertmanager_receivers_are_webhooks(paths: dict[str, Path]) -> None:
     """The example receivers are webhooks, so the routing can be tried without accounts."""
     config = load(paths["exporters"] / "alertmanager.yml")

@@ -10,6 +10,7 @@ fire and be routed by severity, and every dashboard query must return data.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from types import ModuleType
@@ -31,25 +32,32 @@ ALERTS = {
 # Inhibited by CtxtraceUnbalancedStack for the same app and worker (alertmanager.yml).
 INHIBITED = {"CtxtraceContextsAccumulating", "CtxtraceLongLivedContext"}
 BUCKETS = ("0.0001", "0.001", "0.01", "0.1", "1", "10", "60", "+Inf")
+WORKER = "web-1:101:gunicorn"  # host:pid:role, as the agent names a worker
+STARTED = time.time()
 
 
 def exposition(scrape: int) -> str:
-    """Contract metrics for worker w1 of app shop, a little worse on every scrape."""
-    base = 'app="shop",worker="w1"'
+    """Contract metrics for one worker of app shop, a little worse on every scrape."""
+    w1 = f'worker="{WORKER}"'
+    base = f'app="shop",{w1}'
     lines = [
         f'ctxtrace_contexts_total{{kind="request",{base}}} {10 * scrape}',
         f'ctxtrace_contexts_total{{kind="app",{base}}} {10 * scrape}',
         f'ctxtrace_contexts_active{{kind="app",{base}}} {60 + scrape}',
         f'ctxtrace_contexts_active{{kind="request",{base}}} 2',
-        'ctxtrace_context_depth_max{worker="w1"} 3',
+        f"ctxtrace_context_depth_max{{{w1}}} 3",
         f'ctxtrace_anomalies_total{{anomaly="leaked",kind="app",{base}}} {scrape}',
         f'ctxtrace_anomalies_total{{anomaly="long_lived",kind="app",{base}}} {scrape}',
-        'ctxtrace_out_of_context_access_total{proxy="current_app",phase="import",worker="w1"} 1',
-        f'ctxtrace_out_of_context_access_total{{proxy="g",phase="runtime",worker="w1"}} {scrape}',
-        f'ctxtrace_internal_errors_total{{component="metrics",worker="w1"}} {scrape}',
-        f'ctxtrace_dropped_total{{what="context",worker="w1"}} {scrape}',
-        f'ctxtrace_dropped_total{{what="log",worker="w1"}} {scrape}',
+        f'ctxtrace_out_of_context_access_total{{proxy="current_app",phase="import",{w1}}} 1',
+        f'ctxtrace_out_of_context_access_total{{proxy="g",phase="runtime",{w1}}} {scrape}',
+        f'ctxtrace_internal_errors_total{{component="metrics",{w1}}} {scrape}',
+        f'ctxtrace_dropped_total{{what="context",{w1}}} {scrape}',
+        f'ctxtrace_dropped_total{{what="log",{w1}}} {scrape}',
         'target_info{service_name="shop"} 1',
+        # prometheus_client's process collector, as the agent serves it.
+        f"process_start_time_seconds {STARTED:.2f}",
+        f"process_resident_memory_bytes {50_000_000 + 1_000_000 * scrape}",
+        f"process_cpu_seconds_total {0.1 * scrape:.1f}",
     ]
     for kind in ("app", "request"):
         for index, le in enumerate(BUCKETS):
@@ -67,7 +75,7 @@ def exposition(scrape: int) -> str:
 def stack(start_stack: Callable[..., AbstractContextManager[Stack]]) -> Iterator[Stack]:
     """Fake worker w1 + webhook, Prometheus and Alertmanager (every `for` cut to 1 s),
     stopped after the module."""
-    with start_stack("live-stack", "1s", worker=("w1", exposition)) as result:
+    with start_stack("live-stack", "1s", worker=(WORKER, exposition)) as result:
         yield result
 
 
@@ -100,7 +108,7 @@ def test_target_labels_do_not_shadow_the_agents(stack: Stack) -> None:
     series = stack.query("ctxtrace_contexts_total")
     assert series
     for sample in series:
-        assert sample["metric"]["worker"] == "w1"
+        assert sample["metric"]["worker"] == WORKER
         assert "exported_worker" not in sample["metric"]
 
 
@@ -110,7 +118,10 @@ def test_dashboard_queries_return_data(
     """Every panel query, with the variables filled in as Grafana would, returns series."""
     stack.query("up")  # fail early and clearly if Prometheus is not answering
     livestack.wait_for("two samples for rate()", lambda: stack.recorder.scrapes >= 4, stack.logs)
-    values = {"__rate_interval": "1m", "__range": "1h", "app": "shop", "worker": "w1"}
+    values = {
+        "__rate_interval": "1m", "__range": "1h", "app": "shop", "job": "ctxtrace",
+        "host": "web-1", "worker": livestack.regex_value([WORKER]),
+    }
     for where, target in livestack.dashboard_targets(dashboard):
         expr = livestack.substitute(target["expr"], values)
         assert stack.query(expr), f"{where} returned nothing: {expr}"
@@ -119,9 +130,14 @@ def test_dashboard_queries_return_data(
 def test_dashboard_variables_list_the_worker(
     livestack: ModuleType, stack: Stack, dashboard: dict[str, Any]
 ) -> None:
-    """The app and worker variables' label_values() queries find the fake worker."""
-    variables = {v["name"]: v["query"] for v in dashboard["templating"]["list"]}
-    for name, value, values in (("app", "shop", {}), ("worker", "w1", {"app": "shop"})):
-        query = livestack.substitute(variables[name], values)
+    """The job, host, app and worker variables' label_values() queries find the fake worker."""
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    for name, value, values in (
+        ("job", "ctxtrace", {}),
+        ("host", WORKER, {"job": "ctxtrace"}),  # the variable's regex then keeps web-1
+        ("app", "shop", {"job": "ctxtrace"}),
+        ("worker", WORKER, {"job": "ctxtrace", "host": "web-1"}),
+    ):
+        query = livestack.substitute(variables[name]["query"], values)
         selector, label = livestack.label_values_query(query)
         assert stack.label_values(label, selector) == [value]

@@ -237,6 +237,29 @@ class TestRendering:
         assert html.escape(report_plots.INSTALL_HINT) in page
         assert "/srv/shop/jobs.py:12" in page and "<img" not in page
 
+    def test_html_links_the_runbook_only_at_a_given_url(self) -> None:
+        """No relative runbook links (they break wherever the HTML is opened); with
+        --runbook-url, each anomaly links to its anchor there."""
+        report = report_model.Report()
+        report_sources.add_log_lines(report, LOG, "app.log")
+        page = report_page.render_html(report)
+        assert "href='docs/runbook.md" not in page
+        assert "Push and pop with" in html.unescape(page)  # the fix is in the page itself
+        report.runbook_url = "https://runbooks.example/ctxtrace.md"
+        page = report_page.render_html(report)
+        assert "href='https://runbooks.example/ctxtrace.md#leaked'" in page
+
+    def test_lines_that_name_no_process_add_no_phantom_worker(self) -> None:
+        """A ctxtrace line without worker or pid (config errors at start) lists no "?:?:?"."""
+        report = report_model.Report()
+        lines = [
+            json.dumps({"event": "ctxtrace.config_error", "key": "CTXTRACE_SPANS"}),
+            json.dumps({"event": "ctxtrace.leaked", "anomaly": "leaked", "site": "a.py:1"}),
+            _line("config_error", key="CTXTRACE_SPANS", worker="web:7:gunicorn"),
+        ]
+        report_sources.add_log_lines(report, lines, "app.log")
+        assert report.workers == {}
+
     def test_html_with_plots(self) -> None:
         """With matplotlib (the test extra has it) the panels are embedded as a PNG."""
         report = report_model.Report()

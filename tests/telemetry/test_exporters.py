@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,6 +193,12 @@ class TestPrometheusEndpoint:
             "ctxtrace_anomalies_total",
             "ctxtrace_out_of_context_access_total",
             "ctxtrace_dropped_total",
+            "ctxtrace_internal_errors_total",
+            # The standard process metrics, beside the agent's (the rules need the start).
+            "process_start_time_seconds",
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
         ):
             assert name in names, name
 
@@ -213,6 +220,9 @@ class TestPrometheusEndpoint:
             outcome="handled",
         ) == 1
         assert sample("ctxtrace_dropped_total", what="context") == 0
+        assert sample("ctxtrace_internal_errors_total", component="hooks") == 0
+        started = samples[("process_start_time_seconds", ())]
+        assert time.time() - 3600 < started <= time.time()
 
         ctxtrace.uninstrument()
         assert not target.exists()

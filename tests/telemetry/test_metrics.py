@@ -151,8 +151,10 @@ def test_every_metric_and_label(
     assert value(points, "ctxtrace.dropped", what="log") == 1
     assert value(points, "ctxtrace.dropped", what="duration") == 0
     assert value(points, "ctxtrace.dropped", what="span") == 0
-    # The depth gauge is "since the last collection".
-    assert value(collect(reader), "ctxtrace.context.depth_max") == 0
+    # A second reader within the window still sees the spike (an HA Prometheus pair).
+    assert value(collect(reader), "ctxtrace.context.depth_max") == 16
+    # Errors of the core pipeline are exported at 0 before any error happened.
+    assert value(points, "ctxtrace.internal_errors", component="hooks") == 0
 
 
 def test_active_contexts(instrumented: Any, reader: InMemoryMetricReader, app: Flask) -> None:
@@ -359,3 +361,17 @@ def test_after_fork_counts_from_zero(
     assert child["worker"] != parent_worker and f":{child['pid']}:" in child["worker"]
     assert child["contexts"] == 1 and child["histogram"] == 1
     assert value(collect(reader), "ctxtrace.contexts", kind="app", app="shop") == 3
+
+
+def test_depth_window_serves_every_reader_then_forgets() -> None:
+    """A spike is seen by every reader for DEPTH_WINDOW_S seconds, and then no longer."""
+    now = [1000.0]
+    spikes = [5]
+    window = _metrics.DepthWindow(lambda: spikes.pop() if spikes else 0, lambda: now[0])
+    assert window.read() == 5
+    now[0] += _metrics.DEPTH_SLOT_S
+    assert window.read() == 5  # a second reader, a scrape later
+    now[0] += _metrics.DEPTH_WINDOW_S
+    assert window.read() == 0
+    spikes.append(3)
+    assert window.read() == 3

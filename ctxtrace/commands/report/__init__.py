@@ -78,6 +78,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--png", type=Path, metavar="FILE", help="also write the panels as PNG")
     parser.add_argument("--title", default="ctxtrace report", help="the report's title")
+    parser.add_argument(
+        "--runbook-url", metavar="URL",
+        help="where your copy of docs/runbook.md is published: anomalies link to URL#anomaly",
+    )
     parser.set_defaults(handler=run)
     return parser
 
@@ -90,7 +94,7 @@ def _metric_files(path: Path) -> list[Path]:
 
 def build(args: argparse.Namespace) -> Report:
     """The report from the parsed arguments; raises ``OSError``/``ValueError`` on a bad source."""
-    report = Report(title=args.title)
+    report = Report(title=args.title, runbook_url=getattr(args, "runbook_url", None))
     for url in args.prometheus:
         try:
             add_prometheus(report, url, args.since)

@@ -12,6 +12,8 @@ from ctxtrace._events import ANOMALY_KINDS
 
 #: Every anomaly, in the order reports list them.
 ANOMALY_ORDER: Final = tuple(kind.name for kind in ANOMALY_KINDS)
+#: Where the runbook is in ctxtrace's source; reports link to it only when told its URL
+#: (``--runbook-url``): a relative link would not resolve from wherever the HTML is opened.
 RUNBOOK: Final = "docs/runbook.md"
 
 #: The general fix for each anomaly (the runbook's "Fix" lines); a caller that knows the
@@ -152,6 +154,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     skipped_lines: int = 0
     title: str = "ctxtrace report"
+    #: The runbook's address (anchors are anomaly names); None: no links, the fixes inline.
+    runbook_url: str | None = None
 
     def worker(self, name: str) -> WorkerStats:
         stats = self.workers.get(name)

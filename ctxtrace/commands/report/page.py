@@ -25,6 +25,14 @@ def _e(value: object) -> str:
     return html.escape(str(value))
 
 
+def where_runbook(report: Report) -> str:
+    """The footer's pointer to the runbook: a link when its URL is known."""
+    if report.runbook_url:
+        url = _e(report.runbook_url)
+        return f"<a href='{url}'>{url}</a>"
+    return f"the runbook, {_e(RUNBOOK)} in ctxtrace's source (or pass --runbook-url)"
+
+
 def render_html(report: Report, explainer: Explain | None = None, png: bytes | None = None) -> str:
     """A self-contained HTML page: the panels (when matplotlib is there) and the tables."""
     parts = [
@@ -85,9 +93,11 @@ def render_html(report: Report, explainer: Explain | None = None, png: bytes | N
                 if key != "thread"
             )
             cause = f"<b>{_e(info.label)}</b>: {_e(info.cause)}<br>" if info.cause else ""
-            anchor = f"{RUNBOOK}#{culprit.anomaly}"
+            name = _e(culprit.anomaly)
+            if report.runbook_url:
+                name = f"<a href='{_e(f'{report.runbook_url}#{culprit.anomaly}')}'>{name}</a>"
             parts.append(
-                f"<tr><td><a href='{_e(anchor)}'>{_e(culprit.anomaly)}</a></td>"
+                f"<tr><td>{name}</td>"
                 f"<td>{culprit.count}</td><td>{where}</td><td>{workers}</td><td>{details}</td>"
                 f"<td>{cause}<b>fix</b>: {_e(info.fix)}</td></tr>"
             )
@@ -95,7 +105,7 @@ def render_html(report: Report, explainer: Explain | None = None, png: bytes | N
     parts.append(
         f"<p class='muted'>Made by ctxtrace report on "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC. What each anomaly means and how "
-        f"to fix it: {_e(RUNBOOK)}.</p></body></html>"
+        f"to fix it: {where_runbook(report)}.</p></body></html>"
     )
     return "\n".join(parts)
 

@@ -197,9 +197,17 @@ def _add_entry(report: Report, entry: dict[str, Any]) -> bool:
     worker = entry.get("worker")
     if not isinstance(event, str) or not event.startswith(EVENT_PREFIX):
         return False
-    if not isinstance(worker, str):
-        worker = f"?:{entry.get('pid', '?')}:?"
     name = event.removeprefix(EVENT_PREFIX)
+    anomaly = str(entry.get("anomaly") or name)
+    if name not in ("push", "pop") and anomaly not in ANOMALY_ORDER:
+        # config_error, internal_error...: not an anomaly, and no reason to list a worker
+        # (such lines may come from a process that has no worker name yet).
+        return False
+    if not isinstance(worker, str):
+        pid = entry.get("pid")
+        if pid is None:
+            return False  # nothing to say whose it is: no phantom "?:?:?" worker
+        worker = f"?:{pid}:?"
     stats = report.worker(worker)
     if isinstance(entry.get("app"), str):
         stats.apps.add(entry["app"])
@@ -211,9 +219,6 @@ def _add_entry(report: Report, entry: dict[str, Any]) -> bool:
         elif isinstance(entry.get("duration_s"), int | float) and not kind.buckets:
             kind.durations.append(float(entry["duration_s"]))
         return True
-    anomaly = str(entry.get("anomaly") or name)
-    if anomaly not in ANOMALY_ORDER:
-        return False  # config_error, internal_error...: not an anomaly
     count = 1 + int(entry.get("suppressed_since_last") or 0)
     stats.log_anomalies[anomaly] += count
     at = _timestamp(entry.get("timestamp"))
