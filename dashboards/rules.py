@@ -189,8 +189,13 @@ def build(config: Mapping[str, Any]) -> list[dict[str, Any]]:
         )
 
     ooc = config["out_of_context_access"]
-    imported = q.sel("ctxtrace_out_of_context_access_total", 'phase="import"')
-    runtime = q.counted("ctxtrace_out_of_context_access_total", ooc["window"], 'phase="runtime"')
+    # Only accesses whose error escaped to their unit's boundary (a 500, a failed task):
+    # a fallback the application wrote on purpose is logged at INFO, never a ticket.
+    escaped = 'outcome="escaped"'
+    imported = q.sel("ctxtrace_out_of_context_access_total", 'phase="import"', escaped)
+    runtime = q.counted(
+        "ctxtrace_out_of_context_access_total", ooc["window"], 'phase="runtime"', escaped
+    )
     # Import-time accesses happen once, before the first scrape: alert on the value for
     # as long as the worker lives, not on an increase.
     accesses = f"max without () (\n  {imported} > 0\n)\nor\n{runtime}"

@@ -700,6 +700,8 @@ class Ledger:
         unit = UnitState(self._unit)
         unit.kind = kind
         unit.name = safe_name(name)
+        thread = self._thread()
+        unit.outer_on_thread, thread.unit = thread.unit, unit
         if check_stale:
             self.check_stale(unit)
         return unit, unit.token
@@ -762,6 +764,8 @@ class Ledger:
         if unit.pending is not None:
             self._settle(unit)
         unit.finished = True
+        if unit.kind != "request":
+            self._leave_thread(unit)
         try:
             if token is not None:
                 self._unit.reset(token)
@@ -784,6 +788,12 @@ class Ledger:
                 repaired=ctx is not None,
             )
         return to_repair
+
+    def _leave_thread(self, unit: UnitState) -> None:
+        """The thread's innermost unit is the one this unit began in again."""
+        thread = self._thread()
+        if thread.unit is unit:
+            thread.unit = unit.outer_on_thread
 
     def _left_by(self, unit: UnitState) -> list[Entry]:
         """The contexts ``unit`` pushed that are still on this thread's stacks."""
@@ -882,6 +892,9 @@ class Ledger:
         """Drop every record (after fork: the parent's contexts are not ours)."""
         self._live.clear()
         self._inflight.clear()
+        # The parent tells its own accesses; a child would count them again.
+        self._loose = deque()
+        self._loose_lock = threading.Lock()
         for var in self._stacks.values():
             var.set(None)
         self._unit.set(None)
@@ -907,7 +920,7 @@ class Ledger:
         next sweep.
         """
         thread = self._thread()
-        unit = self._unit.get()
+        unit = self._unit.get() or thread.unit
         capture = self._capture
         event = OutOfContextAccess(
             proxy=proxy,
@@ -937,7 +950,7 @@ class Ledger:
 
     def escaped(self, exc: BaseException) -> None:
         """``exc`` is failing the running unit: the accesses whose errors led to it escaped."""
-        unit = self._unit.get()
+        unit = self._unit.get() or self._thread().unit
         pending = unit.pending if unit is not None else None
         if not pending:
             return
@@ -953,7 +966,7 @@ class Ledger:
         ``ctxtrace_events``): it caught the errors it made so far, so the running
         unit's accesses were handled; those outside any unit are told as the sweep
         would tell them."""
-        unit = self._unit.get()
+        unit = self._unit.get() or self._thread().unit
         if unit is not None and unit.pending:
             self._settle(unit)
         self.settle_loose()

@@ -73,10 +73,14 @@ class Stats:
 class ThreadState:
     """Per-thread facts captured once: identity and the flight record."""
 
-    __slots__ = ("flight", "ident", "name", "thread")
+    __slots__ = ("flight", "ident", "name", "thread", "unit")
 
     def __init__(self, flight: int) -> None:
         current = threading.current_thread()
+        # The innermost unit begun on this thread by an integration (a thread, task,
+        # command, job, test), for code that runs in another ``contextvars.Context``
+        # on it (``Context().run``), where the unit's ContextVar does not reach.
+        self.unit: UnitState | None = None
         self.ident = current.ident or 0
         self.name = safe_name(current.name)
         self.thread: weakref.ref[threading.Thread] = weakref.ref(current)
@@ -115,6 +119,8 @@ class UnitState:
     # Out-of-context accesses not told yet, with the error each raised: see
     # ``Ledger.access``.
     pending: list[tuple[OutOfContextAccess, BaseException]] | None = None
+    # The thread's unit when this one began (``ThreadState.unit``), for non-requests.
+    outer_on_thread: UnitState | None = None
     _id = 0
     _info: Unit | None = None
     _info_name: object = None

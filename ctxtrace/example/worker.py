@@ -59,6 +59,9 @@ def run_in_thread(task: Callable[[], T], *, name: str, timeout: float) -> TaskOu
             log.warning("background task %s failed: %s: %s", name, type(exc).__name__, summary)
             log.debug("background task %s failed", name, exc_info=exc)
             outcomes.append(TaskOutcome(name, error=exc))
+            # The job failed: let it end its thread, as an unhandled error does, rather
+            # than pass for a fallback the shop chose (ctxtrace tells the two apart).
+            raise
 
     # An empty contextvars.Context is what a plain thread starts with on CPython's default
     # build. The free-threaded build of Python 3.14 lets new threads inherit the starter's

@@ -48,8 +48,10 @@ def exposition(scrape: int) -> str:
         f"ctxtrace_context_depth_max{{{w1}}} 3",
         f'ctxtrace_anomalies_total{{anomaly="leaked",kind="app",{base}}} {scrape}',
         f'ctxtrace_anomalies_total{{anomaly="long_lived",kind="app",{base}}} {scrape}',
-        f'ctxtrace_out_of_context_access_total{{proxy="current_app",phase="import",{w1}}} 1',
-        f'ctxtrace_out_of_context_access_total{{proxy="g",phase="runtime",{w1}}} {scrape}',
+        f'ctxtrace_out_of_context_access_total{{proxy="current_app",phase="import",'
+        f'outcome="escaped",{w1}}} 1',
+        f'ctxtrace_out_of_context_access_total{{proxy="g",phase="runtime",outcome="escaped",{w1}}}'
+        f" {scrape}",
         f'ctxtrace_internal_errors_total{{component="metrics",{w1}}} {scrape}',
         f'ctxtrace_dropped_total{{what="context",{w1}}} {scrape}',
         f'ctxtrace_dropped_total{{what="log",{w1}}} {scrape}',

@@ -20,7 +20,7 @@ CONTRACT: dict[str, set[str]] = {
     "ctxtrace_context_depth_max": {"worker"},
     "ctxtrace_contexts_total": {"kind", "app", "worker"},
     "ctxtrace_anomalies_total": {"anomaly", "kind", "app", "worker"},
-    "ctxtrace_out_of_context_access_total": {"proxy", "phase", "worker"},
+    "ctxtrace_out_of_context_access_total": {"proxy", "phase", "outcome", "worker"},
     "ctxtrace_internal_errors_total": {"component", "worker"},
     "ctxtrace_dropped_total": {"what", "worker"},
     # prometheus_client's process collector, served on each worker's endpoint; `worker`
@@ -37,6 +37,7 @@ VALUES: dict[str, set[str]] = {
     "anomaly": {"leaked", "long_lived", "wrong_pop", "double_pop", "foreign_pop", "stale_context"},
     "proxy": {"current_app", "g", "request", "session", "app_ctx", "request_ctx"},
     "phase": {"import", "runtime"},
+    "outcome": {"escaped", "handled"},
 }
 KEYWORDS = {
     "by",

@@ -36,6 +36,10 @@ from ctxtrace.example.faults import LEAKED_MARKER
 from ctxtrace.example.scenarios import ANOMALY_NAMES
 from ctxtrace.example.worker import load_lazy_settings, run_in_thread
 
+# The shop's background jobs end their thread with the error when they fail, as an
+# unhandled error does; pytest reports each such thread as a warning.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = REPO_ROOT / "ctxtrace" / "example"
 NO_APP_CONTEXT = "Working outside of application context"
