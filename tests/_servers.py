@@ -9,6 +9,7 @@ it skip and say so; missing in CI (``CI`` set), they fail.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -172,3 +173,31 @@ def wait_for_request_threads(timeout: float) -> None:
     for thread in threading.enumerate():
         if "process_request_thread" in thread.name:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def file_sd_targets(folder: Path) -> dict[int, dict[str, Any]]:
+    """The file_sd entries in ``folder``, by the pid of the worker they name."""
+    found: dict[int, dict[str, Any]] = {}
+    for path in folder.glob("*.json"):
+        try:
+            (entry,) = json.loads(path.read_text())
+        except (ValueError, OSError):
+            continue  # being written
+        found[int(entry["labels"]["worker"].split(":")[1])] = entry
+    return found
+
+
+def assert_prints_ok(script: str) -> None:
+    """Run ``script`` in a fresh interpreter (nothing imported yet) and expect ``ok``."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment for a child that runs this checkout's ctxtrace (not an installed
+    one), with no ``CTXTRACE_*`` or ``OTEL_*`` setting inherited from the test run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXTRACE_", "OTEL_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env

@@ -470,25 +470,24 @@ class MetricsEmitter:
         return [Observation(self.depth.read(), {"worker": self._host.worker})]
 
     def observe_anomalies(self, options: CallbackOptions) -> Iterable[Observation]:
-        worker = self._host.worker
-        counts: dict[tuple[str, ...], int] = {
-            (name, s.kind, s.app): 0 for s in self._host.snapshot() for name in ANOMALIES
-        }
-        counts.update(self.anomalies.items())
-        return [
-            Observation(n, {"anomaly": a, "kind": k, "app": app, "worker": worker})
-            for (a, k, app), n in counts.items()
-        ]
+        zeros = ((name, s.kind, s.app) for s in self._host.snapshot() for name in ANOMALIES)
+        return self._zero_filled(zeros, self.anomalies, ("anomaly", "kind", "app"))
 
     def observe_accesses(self, options: CallbackOptions) -> Iterable[Observation]:
+        zeros = ((p, ph, o) for p in PROXIES for ph in PHASES for o in OUTCOMES)
+        return self._zero_filled(zeros, self.accesses, ("proxy", "phase", "outcome"))
+
+    def _zero_filled(
+        self, zeros: Iterable[tuple[str, ...]], counts: ExactCounts, labels: tuple[str, ...]
+    ) -> list[Observation]:
+        """``counts``, with a 0 for each key of ``zeros`` not counted yet: a series exists
+        before its first increment, so a rate over it sees that increment."""
+        values: dict[tuple[str, ...], int] = dict.fromkeys(zeros, 0)
+        values.update(counts.items())
         worker = self._host.worker
-        counts: dict[tuple[str, ...], int] = {
-            (p, ph, o): 0 for p in PROXIES for ph in PHASES for o in OUTCOMES
-        }
-        counts.update(self.accesses.items())
         return [
-            Observation(n, {"proxy": p, "phase": ph, "outcome": o, "worker": worker})
-            for (p, ph, o), n in counts.items()
+            Observation(n, {**dict(zip(labels, key, strict=True)), "worker": worker})
+            for key, n in values.items()
         ]
 
     def observe_errors(self, options: CallbackOptions) -> Iterable[Observation]:

@@ -8,7 +8,6 @@ its pid; every wait is bounded.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .._servers import REPO, free_port, run_threads, stop, wait_until
+from .._servers import REPO, checkout_env, file_sd_targets, free_port, run_threads, stop, wait_until
 from .._support import line_of
 
 BIN = Path(sys.executable).parent
@@ -31,18 +30,6 @@ BIN = Path(sys.executable).parent
 def _get(url: str, timeout: float = 5.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return str(response.read().decode())
-
-
-def _targets(folder: Path) -> dict[int, dict[str, Any]]:
-    """The file_sd entries in ``folder``, by the pid of the worker they name."""
-    found: dict[int, dict[str, Any]] = {}
-    for path in folder.glob("*.json"):
-        try:
-            (entry,) = json.loads(path.read_text())
-        except (ValueError, OSError):
-            continue  # being written
-        found[int(entry["labels"]["worker"].split(":")[1])] = entry
-    return found
 
 
 def _scrape(target: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -67,9 +54,7 @@ def _gunicorn(
     its base URL, the file_sd folder and the log (gunicorn's lines and ctxtrace's JSON).
     """
     port, targets, log = free_port(), folder / "targets", folder / "gunicorn.log"
-    # Without PYTHONPATH the workers import the installed ctxtrace, not this checkout.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXTRACE_", "OTEL_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env = checkout_env()
     command = [
         str(BIN / "ctxtrace"), "run",
         "--set", "prometheus_port=0", "--set", f"prometheus_targets_dir={targets}",
@@ -95,7 +80,7 @@ def test_each_worker_serves_its_own_exact_metrics(tmp_path: Path) -> None:
     try:
         # The master (ctxtrace run execs gunicorn: same pid) and two workers register.
         def registered() -> dict[int, dict[str, Any]] | None:
-            found = _targets(targets)
+            found = file_sd_targets(targets)
             return found if len(found) == 3 else None
 
         found = wait_until(registered, timeout=30, what="three target files")
@@ -260,7 +245,7 @@ def test_preload_worker_restarts_keep_per_worker_series_exact(tmp_path: Path) ->
         def first_workers() -> dict[int, dict[str, Any]] | None:
             if process.poll() is not None:
                 pytest.fail(f"gunicorn exited: {log.read_text()[-2000:]}", pytrace=False)
-            found = _targets(targets)
+            found = file_sd_targets(targets)
             return found if len(found) == WORKERS + 1 else None
 
         initial = set(wait_until(first_workers, timeout=30, what="five target files")) - {master}
@@ -281,7 +266,7 @@ def test_preload_worker_restarts_keep_per_worker_series_exact(tmp_path: Path) ->
         seen: list[tuple[set[int], set[int]]] = []
 
         def settled() -> tuple[set[int], dict[int, dict[str, Any]]] | None:
-            live, found = _children(master), _targets(targets)
+            live, found = _children(master), file_sd_targets(targets)
             seen[:] = [(live, set(found))]
             if live & exited or len(live) != WORKERS or set(found) != live | {master}:
                 return None

@@ -8,8 +8,6 @@ gunicorn's arbiter its label (and its file_sd target file) say
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import urllib.request
@@ -18,28 +16,16 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .._servers import REPO, free_port, stop, wait_until
+from .._servers import REPO, checkout_env, file_sd_targets, free_port, stop, wait_until
 
 BIN = Path(sys.executable).parent
-
-
-def _targets(folder: Path) -> dict[int, dict[str, Any]]:
-    found: dict[int, dict[str, Any]] = {}
-    for path in folder.glob("*.json"):
-        try:
-            (entry,) = json.loads(path.read_text())
-        except (ValueError, OSError):
-            continue  # being written
-        found[int(entry["labels"]["worker"].split(":")[1])] = entry
-    return found
 
 
 def test_the_master_is_labelled_as_the_master(tmp_path: Path) -> None:
     """One worker: two targets, ``...:gunicorn-master`` (with the import-time push) and
     ``...:gunicorn``; none labelled ``process``."""
     port, targets = free_port(), tmp_path / "targets"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXTRACE_", "OTEL_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env = checkout_env()
     command = [
         str(BIN / "ctxtrace"), "run",
         "--set", "prometheus_port=0", "--set", f"prometheus_targets_dir={targets}",
@@ -54,7 +40,7 @@ def test_the_master_is_labelled_as_the_master(tmp_path: Path) -> None:
         )
     try:
         def two() -> dict[int, dict[str, Any]] | None:
-            found = _targets(targets)
+            found = file_sd_targets(targets)
             labels = [e["labels"]["worker"] for e in found.values()]
             return found if len(found) == 2 and all(":process" not in x for x in labels) else None
 

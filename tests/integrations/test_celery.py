@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 import ctxtrace
 from ctxtrace import _agent
 
-from .._servers import python, stop, wait_until
+from .._servers import assert_prints_ok, python, stop, wait_until
 from .._support import line_of
 from ..fixtures import celery_tasks, event_file
 
@@ -210,7 +209,4 @@ def test_celery_is_hooked_only_once_the_application_imports_it() -> None:
         "assert not [f for f in sys.meta_path if 'ctxtrace' in type(f).__module__]\n"
         "print('ok')\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.stdout.strip() == "ok", done.stderr
+    assert_prints_ok(script)

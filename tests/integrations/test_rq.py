@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from typing import Any
 
 import pytest
 import redis
 from rq import Queue
 
-from .._servers import python, stop
+from .._servers import assert_prints_ok, python, stop
 from .._support import line_of
 from ..fixtures import event_file, rq_jobs
 
@@ -114,9 +113,6 @@ def test_rq_is_hooked_only_once_the_application_imports_it() -> None:
         "assert rq.worker.BaseWorker.__dict__['perform_job'] is original.__wrapped__\n"
         "print('ok')\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.stdout.strip() == "ok", done.stderr
+    assert_prints_ok(script)
 
 

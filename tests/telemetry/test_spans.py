@@ -309,16 +309,24 @@ class TestAllMode:
         assert [e.name for e in span.events] == ["ctxtrace.leaked"]
 
 
+@pytest.fixture
+def job_tracing(
+    instrumented: Any, provider: tuple[TracerProvider, InMemorySpanExporter]
+) -> tuple[trace.Tracer, InMemorySpanExporter, Any]:
+    """ctxtrace on, a tracer for the application's own spans, its exporter and the agent."""
+    instrumented(metrics="none")
+    tracer_provider, exporter = provider
+    agent = _agent.current()
+    assert agent is not None
+    return tracer_provider.get_tracer("job"), exporter, agent
+
+
 class TestOutOfContextAccess:
     def test_event_on_the_current_span(
-        self, instrumented: Any, provider: tuple[TracerProvider, InMemorySpanExporter]
+        self, job_tracing: tuple[trace.Tracer, InMemorySpanExporter, Any]
     ) -> None:
         """Inside a recording span, the access is an event on it with the exception fields."""
-        instrumented(metrics="none")
-        tracer_provider, exporter = provider
-        tracer = tracer_provider.get_tracer("job")
-        agent = _agent.current()
-        assert agent is not None
+        tracer, exporter, agent = job_tracing
         with tracer.start_as_current_span("nightly-job"), pytest.raises(RuntimeError):
             handle = agent.begin_unit("task", "nightly")
             try:
@@ -364,14 +372,10 @@ class TestOutOfContextAccess:
         assert span.start_time == span.end_time
 
     def test_a_handled_access_joins_the_trace_it_happened_in(
-        self, instrumented: Any, provider: tuple[TracerProvider, InMemorySpanExporter]
+        self, job_tracing: tuple[trace.Tracer, InMemorySpanExporter, Any]
     ) -> None:
         """Told when its unit ends, after the surrounding span ended: a child span of it."""
-        instrumented(metrics="none")
-        tracer_provider, exporter = provider
-        tracer = tracer_provider.get_tracer("job")
-        agent = _agent.current()
-        assert agent is not None
+        tracer, exporter, agent = job_tracing
         handle = agent.begin_unit("task", "nightly")
         with tracer.start_as_current_span("lookup"), contextlib.suppress(RuntimeError):
             current_app.name  # noqa: B018 - the failed access is the point
