@@ -136,6 +136,11 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
     try:
         return (yield)
     finally:
+        agent: _agent.Agent | None = _state.get("agent")
+        if agent is not None:
+            # Accesses made outside any unit are told at the next sweep; the test has
+            # ended, its errors are caught or gone: tell them now, as this test's.
+            agent.ledger.settle_now()
         if writer is not None:
             writer.test = "<between tests>"
 
