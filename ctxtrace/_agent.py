@@ -9,6 +9,7 @@ idempotent and serialised by one lock; a repeated call logs one line.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import threading
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from ctxtrace import _worker, integrations
+from ctxtrace import _green, _worker, integrations
 from ctxtrace._config import Config, ConfigError, shown
 from ctxtrace._events import Event, Kind, Site, Unit
 from ctxtrace._host import UnitHandle
@@ -118,6 +119,8 @@ class Agent:
         self._watchdog: threading.Thread | None = None
         self.integrations: list[Callable[[], None]] = []
         self.stopped = False
+        # Set in a forked child that waits for gevent's patch (``after_fork``).
+        self._unpatched: Callable[[], None] | None = None
 
     def subscribe(self, emitter: Emitter) -> None:
         """Add an emitter to a running agent (tests, the pytest plugin)."""
@@ -249,6 +252,10 @@ class Agent:
         except Exception as exc:
             self.errors.record("ledger", exc)
         self.stopped = True
+        unpatched, self._unpatched = self._unpatched, None
+        if unpatched is not None:
+            with contextlib.suppress(Exception):
+                unpatched()
         integrations.uninstall_all(self, self.integrations)
         self.integrations = []
         self.hooks.uninstall()
@@ -310,9 +317,38 @@ class Agent:
         self.stop(timeout_s)
 
     def after_fork(self) -> None:
-        """In a forked child: new identity, no inherited contexts, fresh threads."""
+        """In a forked child: new identity, no inherited contexts, fresh threads.
+
+        Where gevent will patch this child later (its gunicorn worker), the
+        per-thread state and the threads wait for the patch (``_green``), or for
+        the first context the child pushes if gevent never patches it.
+        """
         self.worker = _worker.worker_id()
         self.ledger.forget_all()
+        if not _green.patch_pending():
+            self._restart_in_child()
+            return
+        restart = _Once(self._restart_in_child)
+        self.ledger.first_use = restart
+        try:
+            self._unpatched = _green.when_patched(restart)
+        except Exception as exc:
+            self.errors.record("gevent", exc)
+            restart()
+
+    def _restart_in_child(self) -> None:
+        """The rest of ``after_fork``: per-thread state, the emitters' and our threads."""
+        self.ledger.first_use = None
+        unpatched, self._unpatched = self._unpatched, None
+        if unpatched is not None:
+            with contextlib.suppress(Exception):
+                unpatched()
+        if self.stopped:
+            return
+        try:
+            self.ledger.rebind_threads()
+        except Exception as exc:
+            self.errors.record("ledger", exc)
         for emitter in self._with_telemetry():
             hook = getattr(emitter, "after_fork", None)
             if hook is not None:
@@ -321,6 +357,21 @@ class Agent:
                 except Exception as exc:
                     self.errors.record(emitter.name, exc)
         self._start_watchdog()
+
+
+class _Once:
+    """Calls ``function`` the first time it is called, from whichever thread; never raises."""
+
+    def __init__(self, function: Callable[[], None]) -> None:
+        self._function: Callable[[], None] | None = function
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            function, self._function = self._function, None
+        if function is not None:
+            with contextlib.suppress(Exception):
+                function()
 
 
 _lock = threading.RLock()

@@ -161,6 +161,9 @@ class Ledger:
         #: stale check waits for the dispatch, which names it after its endpoint.
         self.begin_request: Callable[[], UnitState] = functools.partial(UnitState, self._unit)
         self._tls = threading.local()
+        #: Called once by the first thread that needs per-thread state, if set
+        #: (the agent's restart in a forked child; see ``_agent.Agent.after_fork``).
+        self.first_use: Callable[[], None] | None = None
         self._live: dict[int, Entry] = {}
         #: Which contexts have records, by ``id()``; read-only for the hook layer: a
         #: healthy pop of anything else (bar a request's own) needs nothing from here.
@@ -190,6 +193,11 @@ class Ledger:
         try:
             state: ThreadState = self._tls.state
         except AttributeError:
+            first_use = self.first_use
+            if first_use is not None:
+                # A forked child's first push: what waited for gevent's patch
+                # (which never came) is done now, per-thread state included.
+                first_use()
             state = self._tls.state = ThreadState(self.policy.flight)
         return state
 
@@ -898,6 +906,11 @@ class Ledger:
         for var in self._stacks.values():
             var.set(None)
         self._unit.set(None)
+        self._tls = threading.local()
+
+    def rebind_threads(self) -> None:
+        """New per-thread state, of the ``threading.local`` in place now (gevent's, once
+        it patched): state made before would be shared by every greenlet."""
         self._tls = threading.local()
 
     # -- out-of-context access --------------------------------------------

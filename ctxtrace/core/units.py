@@ -7,13 +7,15 @@ it reports an access.
 
 Keyed by thread, not a ContextVar: asgiref's ``async_to_sync`` copies every
 ContextVar its event-loop thread holds back into the calling thread, which
-would then claim to have been started by its own request for good.
+would then claim to have been started by its own request for good. The ident
+is ``threading.get_ident`` looked up at each call: gevent may patch it (to a
+greenlet's) after ctxtrace was imported.
 """
 
 from __future__ import annotations
 
 import os
-from threading import get_ident
+import threading
 
 from ctxtrace._events import Unit
 
@@ -28,21 +30,21 @@ class StartedBy:
 
     def get(self) -> Unit | None:
         """The unit that started the calling thread, if one did."""
-        return self._by_thread.get(get_ident())
+        return self._by_thread.get(threading.get_ident())
 
     def enter(self, unit: Unit | None) -> None:
         if unit is None:
-            self._by_thread.pop(get_ident(), None)
+            self._by_thread.pop(threading.get_ident(), None)
         else:
-            self._by_thread[get_ident()] = unit
+            self._by_thread[threading.get_ident()] = unit
 
     def leave(self) -> None:
-        self._by_thread.pop(get_ident(), None)
+        self._by_thread.pop(threading.get_ident(), None)
 
     def after_fork(self) -> None:
         """Only the forking thread lives on in a child; the others' idents may be reused."""
-        mine = self._by_thread.get(get_ident())
-        self._by_thread = {} if mine is None else {get_ident(): mine}
+        mine = self._by_thread.get(threading.get_ident())
+        self._by_thread = {} if mine is None else {threading.get_ident(): mine}
 
 
 started_by = StartedBy()

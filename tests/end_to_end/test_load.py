@@ -48,6 +48,8 @@ WEIGHTS = {"ok": 70, "leak": 6, "wrong": 6, "double": 6, "foreign": 6, "ooca": 6
 REQUEST_TIMEOUT_S = 10.0
 RUN_TIMEOUT_S = 120.0
 BIN = Path(sys.executable).parent
+#: How long ``/sleep`` sleeps: more than a sweep interval (ctxtrace's default is 1 s).
+SLOW_S = 1.5
 
 Plan = list[list[tuple[str, int]]]
 
@@ -222,39 +224,83 @@ def test_threads_integration_installs_under_gevent(gevent_probe: dict[str, Any])
     assert gevent_probe["internal_errors"] == {}
 
 
-@needs_gevent
-def test_gunicorn_gevent_worker_counts_every_anomaly_once(tmp_path: Path) -> None:
-    """The same traffic through ``gunicorn -k gevent``: greenlets count as threads do."""
+#: Every way the README gives of turning ctxtrace on, under ``gunicorn -k gevent``:
+#: (launcher before gunicorn, gunicorn options, ``LOAD_APP_ENABLE``). gevent patches
+#: the worker after the fork, after --preload's import and after ctxtrace's at-fork
+#: reset; what ctxtrace made per thread before must not be shared by every greenlet.
+GEVENT_WAYS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "instrument": ((), (), "instrument"),
+    "instrument-preload": ((), ("--preload",), "instrument"),
+    "extension-preload": ((), ("--preload",), "extension"),
+    "ctxtrace-run": (("ctxtrace", "run", "--"), (), "outside"),
+    "ctxtrace-run-preload": (("ctxtrace", "run", "--"), ("--preload",), "outside"),
+    "opentelemetry-instrument-preload": (("opentelemetry-instrument",), ("--preload",), "outside"),
+}
+
+
+def _gevent_gunicorn(
+    tmp_path: Path, way: str, app: str = "tests.fixtures.load_app:app"
+) -> tuple[subprocess.Popen[bytes], int, Path, Path]:
+    """``gunicorn -k gevent -w 1`` with ctxtrace turned on ``way``; (process, port, events, log)."""
+    launcher, options, enable = GEVENT_WAYS[way]
     port, events_file, log = free_port(), tmp_path / "events.jsonl", tmp_path / "gunicorn.log"
     env = {
         k: v for k, v in os.environ.items()
         if not k.startswith(("CTXTRACE_", "OTEL_")) and k != "PYTHONPATH"
     }
     env[load_app.EVENTS_ENV] = str(events_file)
+    env[load_app.ENABLE_ENV] = enable
+    if enable == "outside":
+        env.update(
+            CTXTRACE_METRICS="none", CTXTRACE_SPANS="off", CTXTRACE_LOG_RATE_WINDOW="off",
+            OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none",
+        )
     command = [
+        *([str(BIN / launcher[0]), *launcher[1:]] if launcher else []),
         str(BIN / "gunicorn"), "-k", "gevent", "-w", "1", "--worker-connections", "200",
-        "--no-control-socket", "--graceful-timeout", "5", "-b", f"127.0.0.1:{port}",
-        "tests.fixtures.load_app:app",
+        *options, "--no-control-socket", "--graceful-timeout", "5",
+        "-b", f"127.0.0.1:{port}", app,
     ]
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    return process, port, events_file, log
+
+
+def _wait_ready(process: subprocess.Popen[bytes], port: int, log: Path) -> list[str]:
+    """Wait (bounded) for the worker to answer ``/ok/0``; the probes it answered."""
     probes: list[str] = []
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"gunicorn exited: {log.read_text()[-2000:]}", pytrace=False)
+        try:
+            status, _ = get(port, "/ok/0")
+        except OSError:
+            return False
+        probes.append("ok")
+        return status == 200
+
+    wait_until(ready, timeout=30, what="gunicorn's gevent worker")
+    return probes
+
+
+def _own_tracebacks(log: Path) -> list[str]:
+    """Tracebacks in the server's output (ctxtrace's threads dying at exit among them)."""
+    text = log.read_text(errors="replace")
+    return [chunk[:600] for chunk in text.split("Traceback")[1:]]
+
+
+@needs_gevent
+@pytest.mark.parametrize("way", list(GEVENT_WAYS))
+def test_gunicorn_gevent_worker_counts_every_anomaly_once(tmp_path: Path, way: str) -> None:
+    """The same traffic through ``gunicorn -k gevent``, ctxtrace on each way: greenlets
+    count as threads do, and the worker exits without a traceback."""
+    process, port, events_file, log = _gevent_gunicorn(tmp_path, way)
     try:
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                pytest.fail(f"gunicorn exited: {log.read_text()[-2000:]}", pytrace=False)
-            try:
-                status, _ = get(port, "/ok/0")
-            except OSError:
-                return False
-            probes.append("ok")
-            return status == 200
-
-        wait_until(ready, timeout=30, what="gunicorn's gevent worker")
+        probes = _wait_ready(process, port, log)
         plan = make_plan()
         results = drive(port, plan)
         status, body = get(port, "/_stats")
@@ -272,3 +318,23 @@ def test_gunicorn_gevent_worker_counts_every_anomaly_once(tmp_path: Path) -> Non
     check_counts(plan, stats, stats["merged"], extra=[*probes, "ok"])
     assert stats["dropped"] == 0
     assert stats["internal_errors"] == {}
+    assert _own_tracebacks(log) == []
+
+
+@needs_gevent
+@pytest.mark.parametrize("way", list(GEVENT_WAYS))
+def test_gunicorn_gevent_slow_request_is_clean(tmp_path: Path, way: str) -> None:
+    """One request that sleeps past the watchdog's sweeps (greenlets switch meanwhile):
+    no anomaly, and no traceback when the worker exits."""
+    process, port, events_file, log = _gevent_gunicorn(tmp_path, way)
+    try:
+        _wait_ready(process, port, log)
+        status, body = get(port, f"/sleep/{SLOW_S}")
+        assert (status, body) == (200, "slept"), log.read_text()[-2000:]
+        status, _ = get(port, "/_stats")  # runs a sweep, after the watchdog's own
+        assert status == 200
+    finally:
+        stop(process, grace=10, group=True)
+    lines = events_file.read_text().splitlines() if events_file.exists() else []
+    assert lines == []
+    assert _own_tracebacks(log) == []
