@@ -27,6 +27,7 @@ from ctxtrace.core.guard import InternalErrors
 from ctxtrace.core.hooks import Hooks
 from ctxtrace.core.ledger import Ledger
 from ctxtrace.core.records import LedgerPolicy, StatsSnapshot
+from ctxtrace.integrations import kit
 from ctxtrace.telemetry import trace_ids, wiring
 from ctxtrace.telemetry.logs import LogEmitter, log_line
 
@@ -244,6 +245,14 @@ class Agent:
         # loses what the exporters still buffer (README, "Reliability and security").
         # Tasks, jobs, commands and threads as units; each one fails alone.
         self.integrations = integrations.install_all(self)
+        # eventlet is not supported: off before it patches this process (``_green``).
+        self.integrations.append(
+            kit.on_import(
+                "eventlet.patcher",
+                lambda patcher: _green.wrap_eventlet_patch(patcher, _refuse_for_eventlet),
+                lambda exc: self.errors.record("eventlet", exc),
+            )
+        )
 
     def stop(self, timeout_s: float = 5.0) -> None:
         try:
@@ -405,6 +414,13 @@ def start(
             return None
         if not config.enabled:
             return None
+        if _green.eventlet_patched():
+            log_line(
+                "error", "ctxtrace.unsupported", library="eventlet",
+                note="eventlet has monkey-patched this process, which ctxtrace does not "
+                "support: ctxtrace stays off; the application runs",
+            )
+            return None
         agent = Agent(config)
         agent.start()
         _agent = agent
@@ -476,6 +492,22 @@ def stop() -> bool:
         return False
     agent.stop()
     return True
+
+
+def _refuse_for_eventlet() -> None:
+    """eventlet is about to patch this process: the running agent, if any, stops now,
+    while its threads are threads that can end cleanly."""
+    global _agent
+    with _lock:
+        agent, _agent = _agent, None
+    if agent is None:
+        return
+    agent.stop(1.0)
+    log_line(
+        "error", "ctxtrace.unsupported", library="eventlet", worker=agent.worker,
+        note="eventlet is about to monkey-patch this process, which ctxtrace does "
+        "not support: ctxtrace turned itself off; the application runs",
+    )
 
 
 def _after_fork_in_child() -> None:

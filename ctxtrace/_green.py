@@ -1,4 +1,4 @@
-"""gevent's monkey-patching when it comes after ctxtrace started in the process.
+"""Green threads: gevent's monkey-patching after ctxtrace started, and eventlet's.
 
 gunicorn's gevent worker patches in the worker: after the fork, after
 ``--preload`` imported the application and after the at-fork hooks, where the
@@ -10,15 +10,25 @@ that the patched ``threading`` no longer knows (it dies with a ``KeyError`` in
 and has not patched ``threading`` yet, the agent makes both only once gevent has
 patched, through gevent's own notification (``gevent.events``).
 
-gevent is never imported here: only looked at when the application imported it.
+eventlet is not supported: its patching can come after ctxtrace started too
+(``ctxtrace run``, a master that forks), and eventlet announces nothing. So
+ctxtrace does not start in a process eventlet has patched, and turns itself off
+just before eventlet patches one it runs in (``wrap_eventlet_patch``), while its
+threads are still threads that can end cleanly.
+
+Neither library is ever imported here: only looked at when the application imported it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
+
+from ctxtrace.core.patching import put_wrapper
 
 
 def patch_pending() -> bool:
@@ -61,4 +71,46 @@ def when_patched(callback: Callable[[], None]) -> Callable[[], None]:
             events.subscribers.remove(subscriber)
 
     events.subscribers.append(subscriber)
+    return remove
+
+
+def eventlet_patched() -> bool:
+    """Whether eventlet has patched ``thread`` in this process."""
+    patcher = sys.modules.get("eventlet.patcher")
+    if patcher is None:
+        return False
+    try:
+        return bool(patcher.is_monkey_patched("thread"))
+    except Exception:
+        return False
+
+
+def wrap_eventlet_patch(patcher: ModuleType, before: Callable[[], None]) -> Callable[[], None]:
+    """Call ``before()`` when eventlet's ``monkey_patch`` is about to patch ``thread``.
+
+    ``eventlet.monkey_patch`` is the same function, bound when ``eventlet`` is
+    imported, after ``eventlet.patcher``: it binds the wrapper put here, or, if
+    ``eventlet`` was imported already, is wrapped here too. ``before`` must look
+    up the running agent itself: a wrapper bound by ``eventlet`` stays. Returns
+    the remover.
+    """
+    original: Callable[..., Any] = patcher.monkey_patch
+
+    def monkey_patch(**on: Any) -> Any:
+        # eventlet patches ``thread`` unless told not to, or told to patch only others.
+        explicit = {name: value for name, value in on.items() if name != "all"}
+        if on.get("thread", on.get("all", not any(explicit.values()))):
+            with contextlib.suppress(Exception):  # the application's patching goes on
+                before()
+        return original(**on)
+
+    removers = [put_wrapper(patcher, "monkey_patch", monkey_patch, original)]
+    package = sys.modules.get("eventlet")
+    if package is not None and getattr(package, "monkey_patch", None) is original:
+        removers.append(put_wrapper(package, "monkey_patch", monkey_patch, original))
+
+    def remove() -> None:
+        for undo in removers:
+            undo()
+
     return remove
