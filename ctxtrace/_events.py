@@ -197,7 +197,8 @@ class Anomaly:
     ``context`` is the context the anomaly is about; ``other`` is, for a wrong
     pop, the context that was on top (usually the culprit), and for a stale
     context, nothing. ``reason`` says how a leak was found (``unit_end``,
-    ``thread_end``, ``collected``, ``exit``).
+    ``thread_end``, ``collected``, ``exit``), and ``import`` marks the
+    ``long_lived`` context a module's body pushed while it was imported.
     """
 
     name: AnomalyName

@@ -37,6 +37,8 @@ COMMAND: Final = "check-imports"
 EXIT_CLEAN: Final = 0
 EXIT_FOUND: Final = 1
 EXIT_USAGE: Final = 2
+#: Contexts popped after one module's import, at most (a bound, not an expectation).
+_MAX_LEFT: Final = 64
 _NAME: Final = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _CHILD_FLAG: Final = "--_child-out"
 
@@ -280,7 +282,8 @@ def _child(out: str, argv: list[str]) -> int:
     agent = _agent.start(
         {
             "repair": True, "metrics": "none", "spans": "off", "log_rate_window": "off",
-            "detect_long_lived": False, "sweep_interval": 3600,
+            # Only a module body's own push is long_lived here (reason ``import``).
+            "long_lived_request": None, "long_lived_app": None, "sweep_interval": 3600,
         }
     )
     if agent is None:
@@ -334,6 +337,7 @@ def _import(
         agent.escaped(exc)
     finally:
         agent.end_unit(handle)
+        _pop_left_contexts()
     causes: list[str] = []
     for event in collector.events[start:]:
         if isinstance(event, OutOfContextAccess) and event.site is not None:
@@ -351,7 +355,9 @@ def _import(
                         error=f"{event.exc_type}: {event.exc_message}",
                     )
                 )
-        elif isinstance(event, Anomaly) and event.name == "leaked":
+        elif isinstance(event, Anomaly) and (
+            event.name == "leaked" or (event.name == "long_lived" and event.reason == "import")
+        ):
             ctx_site = event.context.site
             report.left_contexts.append(
                 LeftContext(
@@ -369,6 +375,26 @@ def _import(
                 caused_by=list(dict.fromkeys(causes)),
             )
         )
+
+
+def _pop_left_contexts() -> None:
+    """Pop what a module's body pushed and left, so the next module imports with none.
+
+    ctxtrace's repair pops what a unit leaked, but never a context a module's
+    body pushed at import (its later users rely on it): that one is popped here.
+    """
+    import flask.globals  # noqa: PLC0415 - in the child, where ctxtrace imported it already
+
+    for name in ("_cv_request", "_cv_app"):
+        var = getattr(flask.globals, name, None)
+        for _ in range(_MAX_LEFT):
+            ctx = var.get(None) if var is not None else None
+            if ctx is None:
+                break
+            try:
+                ctx.pop()
+            except Exception:
+                break
 
 
 def _same_error(event: OutOfContextAccess, error: BaseException) -> bool:

@@ -61,6 +61,7 @@ from ctxtrace.core.records import (
     FLAGS,
     HANDED_OVER,
     ID,
+    IMPORTED,
     LONG_REPORTED,
     ORPHANED,
     OWNER,
@@ -723,11 +724,15 @@ class Ledger:
             node = var.get()
             while node is not None:
                 owner: UnitState | None = node[0][UNIT]
-                if owner is not None and owner.finished:
+                if owner is not None and owner.finished and not node[0][FLAGS] & IMPORTED:
                     # Rare: only now pay for de-duplicating what is reported.
                     for entry in self._entries_on_stacks():
                         stale_owner: UnitState | None = entry[UNIT]
-                        if stale_owner is not None and stale_owner.finished:
+                        if (
+                            stale_owner is not None
+                            and stale_owner.finished
+                            and not entry[FLAGS] & IMPORTED
+                        ):
                             self._report(
                                 "stale_context", entry, self._thread(), unit=unit.info()
                             )
@@ -787,6 +792,11 @@ class Ledger:
         thread = self._thread()
         to_repair: list[object] = []
         for entry in sorted(leftovers, key=lambda e: int(e[ID]), reverse=True):
+            if entry[FLAGS] & IMPORTED:
+                # The module meant it to stay (its later users rely on it): said
+                # once, never popped for it.
+                self._report_imported(entry, thread)
+                continue
             entry[FLAGS] |= REPORTED
             ctx = entry[REF]() if repair else None
             if ctx is not None:
@@ -847,6 +857,9 @@ class Ledger:
             collected = entry[REF]() is None
             if collected or not entry[THREAD].alive():
                 self._forget(entry)
+                if entry[FLAGS] & IMPORTED:
+                    self._report_imported(entry, None)
+                    continue
                 self._report_once(
                     "leaked", entry, None, reason="collected" if collected else "thread_end"
                 )
@@ -858,6 +871,9 @@ class Ledger:
 
     def _check_age(self, entry: Entry, now: int) -> None:
         flags = entry[FLAGS]
+        if flags & IMPORTED:
+            self._report_imported(entry, None)
+            return
         policy = self.policy
         if flags & LONG_REPORTED or (flags & STREAMING and not policy.long_lived_streaming):
             return
@@ -885,10 +901,14 @@ class Ledger:
                 self._check_age(entry, now)
 
     def finish_all(self) -> None:
-        """At process exit, whatever is still pushed has leaked."""
+        """At process exit, whatever is still pushed has leaked (bar what a module's
+        body pushed at import: said once, by now or here)."""
         self.settle_loose(None)
         for entry in list(self._live.values()):
             self._forget(entry)
+            if entry[FLAGS] & IMPORTED:
+                self._report_imported(entry, None)
+                continue
             self._report_once("leaked", entry, None, reason="exit")
         for unit in list(self._inflight):
             self._inflight.discard(unit)
@@ -1009,6 +1029,26 @@ class Ledger:
                 told.append(replace(event, outcome="handled" if handled else "escaped"))
         for event in told:
             self._emit(event)
+
+    # -- contexts a module pushed while it was imported -----------------------
+
+    def pushed_at_import(self, ctx: object) -> None:
+        """``ctx``, just pushed, was pushed by a module's body while it was imported.
+
+        The pattern of a module that sets up ``app.app_context().push()`` for
+        everything after it: the context stays for the process's life on
+        purpose. It is no unit's leak and nothing stale for later units; it is
+        reported once, as ``long_lived`` with reason ``import``, when the unit
+        that imported the module ends, at the next sweep, or at exit.
+        """
+        entry = self._lookup(ctx)
+        if entry is not None and entry[COUNT] == 1:
+            entry[FLAGS] |= IMPORTED
+
+    def _report_imported(self, entry: Entry, thread: ThreadState | None) -> None:
+        if not entry[FLAGS] & (LONG_REPORTED | REPORTED):
+            entry[FLAGS] |= LONG_REPORTED
+            self._report("long_lived", entry, thread, reason="import")
 
     # -- reporting --------------------------------------------------------
 

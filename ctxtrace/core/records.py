@@ -207,6 +207,7 @@ STREAMING = 1  # kept pushed by a streaming response, on purpose
 REPORTED = 2  # a stack anomaly named it: what follows from it is not reported again
 LONG_REPORTED = 4  # long_lived reported once
 ORPHANED = 8  # Flask dropped it from the stack when a context below it was popped
+IMPORTED = 16  # pushed by a module's body while it was imported: not any unit's leak
 
 
 def entry_info(entry: Entry) -> ContextInfo:

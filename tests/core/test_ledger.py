@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextvars
 import gc
+import importlib
+import runpy
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -163,3 +167,99 @@ def test_counts_and_durations(app: Flask, instrumented: Any) -> None:
     durations = list(ledger.drain_durations())
     assert len(durations) == sum(v[1] for v in counts.values())
     assert all(d >= 0 for _, _, d in durations)
+
+
+# -- a context a module pushes while it is imported ---------------------------------
+
+TUTORIAL_MODULE = '''\
+from flask import Flask
+
+app = Flask("imported")
+app.app_context().push()
+
+
+def name():
+    from flask import current_app
+    return current_app.name
+'''
+
+
+@pytest.fixture
+def tutorial_module(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A module of a fresh name whose body pushes an app context (line 4), importable."""
+    name = f"tutorial_{abs(hash(str(tmp_path)))}"
+    (tmp_path / f"{name}.py").write_text(TUTORIAL_MODULE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _pushed_at_import(recorder: Any) -> list[tuple[str, str, int]]:
+    return [
+        (a.name, a.reason, a.context.site.line if a.context.site else 0)
+        for a in recorder.anomalies()
+    ]
+
+
+@pytest.mark.leaks_on_purpose
+def test_module_pushing_at_import_in_a_unit_is_said_once(
+    instrumented: Any, tutorial_module: str
+) -> None:
+    """Imported by the first of several units (an RQ SimpleWorker's first job): not leaked
+    at its end, not stale for the next ones, one long_lived (import) at the module's line;
+    repair leaves it alone, as later users rely on it."""
+    recorder = instrumented(repair=True)
+    agent = _agent_now()
+    names = []
+    for n in range(3):
+        handle = agent.begin_unit("job", f"job{n}")
+        names.append(importlib.import_module(tutorial_module).name())
+        agent.end_unit(handle)
+    agent.sweep()
+    agent.ledger.finish_all()
+    assert names == ["imported"] * 3
+    assert _pushed_at_import(recorder) == [("long_lived", "import", 4)]
+    [said] = recorder.anomalies()
+    assert said.context.unit is not None and said.context.unit.name == "job0"
+    clear_flask_stacks()
+
+
+@pytest.mark.leaks_on_purpose
+def test_module_pushing_at_import_outside_units_is_said_at_the_sweep(
+    instrumented: Any, tutorial_module: str
+) -> None:
+    """Imported at start-up (a --preload master): said by the first sweep, not at exit."""
+    recorder = instrumented()
+    importlib.import_module(tutorial_module)
+    agent = _agent_now()
+    assert recorder.anomalies() == []
+    agent.sweep()
+    assert _pushed_at_import(recorder) == [("long_lived", "import", 4)]
+    agent.sweep()
+    agent.ledger.finish_all()
+    assert len(recorder.anomalies()) == 1
+    clear_flask_stacks()
+
+
+@pytest.mark.leaks_on_purpose
+def test_module_pushing_at_import_is_said_at_exit_without_a_sweep(
+    instrumented: Any, tutorial_module: str
+) -> None:
+    """A process that ends before any sweep (a short script) says it at exit, as import."""
+    recorder = instrumented()
+    importlib.import_module(tutorial_module)
+    _agent_now().ledger.finish_all()
+    assert _pushed_at_import(recorder) == [("long_lived", "import", 4)]
+    clear_flask_stacks()
+
+
+def test_script_body_pushing_is_still_a_leak(instrumented: Any, tmp_path: Any) -> None:
+    """The same lines run as a script (not imported): the unit that ran them leaked it."""
+    recorder = instrumented(repair=True)
+    script = tmp_path / "script.py"
+    script.write_text(TUTORIAL_MODULE, encoding="utf-8")
+    agent = _agent_now()
+    handle = agent.begin_unit("command", "script")
+    runpy.run_path(str(script))
+    agent.end_unit(handle)
+    assert [(a.name, a.reason) for a in recorder.anomalies()] == [("leaked", "unit_end")]

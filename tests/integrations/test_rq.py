@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,9 @@ from .._support import line_of
 from ..fixtures import event_file, rq_jobs
 
 JOBS = rq_jobs.__file__
+# Named, never imported here: its import pushes a context into whoever imports it.
+TUTORIAL_MODULE = "tests.fixtures.rq_tutorial"
+TUTORIAL = str(Path(JOBS).with_name("rq_tutorial.py"))
 JOB = "tests.fixtures.rq_jobs"
 WORKER_TIMEOUT_S = 60.0
 
@@ -22,22 +27,23 @@ def site(marker: str) -> str:
     return f"{JOBS}:{line_of(JOBS, marker)}"
 
 
-@pytest.fixture(scope="module")
-def burst(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Enqueue one job of each kind, run a burst worker to the end, collect what it saw."""
-    tmp = tmp_path_factory.mktemp("rq")
+def run_burst(
+    redis_url: str, tmp: Path, queue_name: str, functions: dict[str, str], *options: str
+) -> dict[str, Any]:
+    """Enqueue ``functions`` (job id -> dotted name), run ``rq worker --burst OPTIONS`` to the
+    end, collect what it saw and its log."""
     events = tmp / "events.jsonl"
     log = tmp / "worker.log"
     connection = redis.Redis.from_url(redis_url)
     try:
-        queue = Queue("ctxtrace-tests", connection=connection)
+        queue = Queue(queue_name, connection=connection)
         jobs = {
-            name: queue.enqueue(f"{JOB}.{name}", job_id=f"ctxtrace-{name}")
-            for name in ("with_context", "forgot_context", "leaks")
+            job_id: queue.enqueue(function, job_id=f"{queue_name}-{job_id}")
+            for job_id, function in functions.items()
         }
         process = python(
-            "-m", "rq.cli", "worker", "--burst", "--url", redis_url,
-            "-c", "tests.fixtures.rq_settings", "--name", "ctxtrace-tests", "ctxtrace-tests",
+            "-m", "rq.cli", "worker", "--burst", "--url", redis_url, *options,
+            "-c", "tests.fixtures.rq_settings", "--name", queue_name, queue_name,
             env={event_file.EVENTS_ENV: str(events)},
             log=log,
         )
@@ -56,7 +62,17 @@ def burst(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         "events": event_file.read(str(events)),
         "unflushed": event_file.read(str(events) + ".unflushed"),
         "worker_pid": process.pid,
+        "log": log.read_text(errors="replace"),
     }
+
+
+@pytest.fixture(scope="module")
+def burst(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Enqueue one job of each kind, run a burst worker to the end, collect what it saw."""
+    return run_burst(
+        redis_url, tmp_path_factory.mktemp("rq"), "ctxtrace-tests",
+        {name: f"{JOB}.{name}" for name in ("with_context", "forgot_context", "leaks")},
+    )
 
 
 def by_unit(burst: dict[str, Any], job: str) -> list[dict[str, Any]]:
@@ -116,3 +132,58 @@ def test_rq_is_hooked_only_once_the_application_imports_it() -> None:
     assert_prints_ok(script)
 
 
+
+
+# -- a tasks module that pushes a context at import (a widely followed tutorial) ---
+
+#: Jobs of the tutorial's module per worker run: more than one, so a per-job report shows.
+TUTORIAL_JOBS = 3
+WORKER_CLASSES = {"forking": (), "simple": ("--worker-class", "rq.SimpleWorker")}
+
+
+@pytest.fixture(scope="module", params=list(WORKER_CLASSES))
+def tutorial(
+    request: pytest.FixtureRequest, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """``TUTORIAL_JOBS`` jobs of the tutorial's module through one burst worker of a class."""
+    worker_class: str = request.param
+    result = run_burst(
+        redis_url, tmp_path_factory.mktemp(f"rq-{worker_class}"), f"ctxtrace-{worker_class}",
+        {f"job{n}": f"{TUTORIAL_MODULE}.shop_name" for n in range(TUTORIAL_JOBS)},
+        *WORKER_CLASSES[worker_class],
+    )
+    result["worker_class"] = worker_class
+    return result
+
+
+def test_import_time_context_serves_every_job(tutorial: dict[str, Any]) -> None:
+    """The tutorial's pattern works: every job runs in the context its module pushed."""
+    assert set(tutorial["states"].values()) == {"finished"}, tutorial["log"][-3000:]
+
+
+def test_import_time_context_is_reported_once_per_process(tutorial: dict[str, Any]) -> None:
+    """Not leaked at each job's end, not stale at the next job's start: one ``long_lived``
+    with reason ``import`` at the module's push line, per process that imported it."""
+    events = tutorial["events"]
+    assert [e["event"] for e in events if e["event"] != "long_lived"] == []
+    push_site = f"{TUTORIAL}:{line_of(TUTORIAL, 'tutorial-push')}"
+    assert {(e["reason"], e["site"]) for e in events} == {("import", push_site)}
+    pids = [e["pid"] for e in events]
+    assert len(set(pids)) == len(pids), "reported twice in one process"
+    if tutorial["worker_class"] == "simple":
+        # One process runs every job: one report, whichever job imported the module.
+        assert pids == [tutorial["worker_pid"]]
+    else:
+        # Each work-horse imports the module again (the worker never did): once each.
+        assert len(pids) == TUTORIAL_JOBS and tutorial["worker_pid"] not in pids
+
+
+def test_import_time_context_logs_a_warning_not_an_error(tutorial: dict[str, Any]) -> None:
+    """ctxtrace's own log lines for it are warnings: nothing that pages."""
+    lines = [
+        json.loads(line) for line in tutorial["log"].splitlines()
+        if line.startswith("{") and '"ctxtrace.' in line
+    ]
+    assert {(line["event"], line["level"], line.get("reason")) for line in lines} == {
+        ("ctxtrace.long_lived", "warning", "import")
+    }
