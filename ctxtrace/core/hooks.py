@@ -225,8 +225,6 @@ class Hooks:
         stream = sites.STREAM
         suppressed = self.suppressed
         caches = self._stats_cache
-        pushed_at_import = self.ledger.pushed_at_import
-        is_import_time = sites.is_import_time
 
         def tracked(ctx: Any, unit: UnitState | None) -> None:
             """An ordinary push: tracked, with the user line that made it."""
@@ -238,14 +236,6 @@ class Hooks:
                 if klass == user:
                     if suppressed is None or not suppressed(site):
                         ledger_push(ctx, stats, slot, site, False, unit)
-                        # A module's body (the name tells it, for free), and one
-                        # the import system runs: the frames say, at a walk's price.
-                        if (
-                            site is not None
-                            and site.function == "<module>"
-                            and is_import_time(2)
-                        ):
-                            pushed_at_import(ctx)
                 else:
                     ledger_push(ctx, stats, slot, None, klass == stream, unit)
             except Exception as exc:

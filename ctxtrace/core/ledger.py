@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import sys
 import threading
 import time
 import weakref
@@ -61,6 +62,7 @@ from ctxtrace.core.records import (
     FLAGS,
     HANDED_OVER,
     ID,
+    IMPORT_CHECKED,
     IMPORTED,
     LONG_REPORTED,
     ORPHANED,
@@ -724,14 +726,14 @@ class Ledger:
             node = var.get()
             while node is not None:
                 owner: UnitState | None = node[0][UNIT]
-                if owner is not None and owner.finished and not node[0][FLAGS] & IMPORTED:
+                if owner is not None and owner.finished and not self._imported(node[0]):
                     # Rare: only now pay for de-duplicating what is reported.
                     for entry in self._entries_on_stacks():
                         stale_owner: UnitState | None = entry[UNIT]
                         if (
                             stale_owner is not None
                             and stale_owner.finished
-                            and not entry[FLAGS] & IMPORTED
+                            and not self._imported(entry)
                         ):
                             self._report(
                                 "stale_context", entry, self._thread(), unit=unit.info()
@@ -792,7 +794,7 @@ class Ledger:
         thread = self._thread()
         to_repair: list[object] = []
         for entry in sorted(leftovers, key=lambda e: int(e[ID]), reverse=True):
-            if entry[FLAGS] & IMPORTED:
+            if self._imported(entry):
                 # The module meant it to stay (its later users rely on it): said
                 # once, never popped for it.
                 self._report_imported(entry, thread)
@@ -857,7 +859,7 @@ class Ledger:
             collected = entry[REF]() is None
             if collected or not entry[THREAD].alive():
                 self._forget(entry)
-                if entry[FLAGS] & IMPORTED:
+                if self._imported(entry):
                     self._report_imported(entry, None)
                     continue
                 self._report_once(
@@ -870,10 +872,10 @@ class Ledger:
         self.settle_loose(now - LOOSE_GRACE_NS)
 
     def _check_age(self, entry: Entry, now: int) -> None:
-        flags = entry[FLAGS]
-        if flags & IMPORTED:
+        if self._imported(entry):
             self._report_imported(entry, None)
             return
+        flags = entry[FLAGS]
         policy = self.policy
         if flags & LONG_REPORTED or (flags & STREAMING and not policy.long_lived_streaming):
             return
@@ -906,7 +908,7 @@ class Ledger:
         self.settle_loose(None)
         for entry in list(self._live.values()):
             self._forget(entry)
-            if entry[FLAGS] & IMPORTED:
+            if self._imported(entry):
                 self._report_imported(entry, None)
                 continue
             self._report_once("leaked", entry, None, reason="exit")
@@ -1030,20 +1032,36 @@ class Ledger:
         for event in told:
             self._emit(event)
 
-    # -- contexts a module pushed while it was imported -----------------------
+    # -- contexts a module's body pushed while it was imported ----------------
 
-    def pushed_at_import(self, ctx: object) -> None:
-        """``ctx``, just pushed, was pushed by a module's body while it was imported.
+    @staticmethod
+    def _imported(entry: Entry) -> bool:
+        """Whether ``entry`` was pushed by a module's body while the module was imported.
 
         The pattern of a module that sets up ``app.app_context().push()`` for
         everything after it: the context stays for the process's life on
         purpose. It is no unit's leak and nothing stale for later units; it is
         reported once, as ``long_lived`` with reason ``import``, when the unit
         that imported the module ends, at the next sweep, or at exit.
+
+        Decided from the push's site when first needed, never on the push
+        path: a module body (``<module>``) of a module the import system
+        holds. The same lines run as a script (``__main__``, ``runpy``), or a
+        module whose import failed (gone from ``sys.modules``), leak as any
+        other push does.
         """
-        entry = self._lookup(ctx)
-        if entry is not None and entry[COUNT] == 1:
-            entry[FLAGS] |= IMPORTED
+        flags = entry[FLAGS]
+        if not flags & IMPORT_CHECKED:
+            site: Site | None = entry[SITE]
+            imported = (
+                site is not None
+                and site.function == "<module>"
+                and site.module not in ("", "__main__")
+                and site.module in sys.modules
+            )
+            flags |= IMPORT_CHECKED | (IMPORTED if imported else 0)
+            entry[FLAGS] = flags
+        return bool(flags & IMPORTED)
 
     def _report_imported(self, entry: Entry, thread: ThreadState | None) -> None:
         if not entry[FLAGS] & (LONG_REPORTED | REPORTED):

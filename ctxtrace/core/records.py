@@ -208,6 +208,7 @@ REPORTED = 2  # a stack anomaly named it: what follows from it is not reported a
 LONG_REPORTED = 4  # long_lived reported once
 ORPHANED = 8  # Flask dropped it from the stack when a context below it was popped
 IMPORTED = 16  # pushed by a module's body while it was imported: not any unit's leak
+IMPORT_CHECKED = 32  # whether IMPORTED applies was decided (off the push path, when needed)
 
 
 def entry_info(entry: Entry) -> ContextInfo:
