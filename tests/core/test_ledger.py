@@ -263,3 +263,20 @@ def test_script_body_pushing_is_still_a_leak(instrumented: Any, tmp_path: Any) -
     runpy.run_path(str(script))
     agent.end_unit(handle)
     assert [(a.name, a.reason) for a in recorder.anomalies()] == [("leaked", "unit_end")]
+
+
+def test_module_whose_import_failed_leaked_its_push(
+    instrumented: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module body that pushes and then raises is gone from sys.modules: nobody relies
+    on its context, and the unit that imported it leaked it."""
+    recorder = instrumented(repair=True)
+    name = f"broken_{abs(hash(str(tmp_path)))}"
+    (tmp_path / f"{name}.py").write_text(TUTORIAL_MODULE + "raise ImportError('no')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    agent = _agent_now()
+    handle = agent.begin_unit("job", "imports")
+    with pytest.raises(ImportError):
+        importlib.import_module(name)
+    agent.end_unit(handle)
+    assert [(a.name, a.reason) for a in recorder.anomalies()] == [("leaked", "unit_end")]
