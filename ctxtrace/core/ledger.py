@@ -791,6 +791,11 @@ class Ledger:
         leftovers = self._left_by(unit)
         if not leftovers:
             return []
+        return self._report_left(unit, leftovers, repair)
+
+    def _report_left(self, unit: UnitState, leftovers: list[Entry], repair: bool) -> list[object]:
+        """``leftovers``, which ``unit`` left pushed: leaked, newest first (what a module's
+        body pushed at import aside); the ones to pop when ``repair`` asks."""
         thread = self._thread()
         to_repair: list[object] = []
         for entry in sorted(leftovers, key=lambda e: int(e[ID]), reverse=True):
