@@ -28,7 +28,8 @@ def site(marker: str) -> str:
 
 
 def run_burst(
-    redis_url: str, tmp: Path, queue_name: str, functions: dict[str, str], *options: str
+    redis_url: str, tmp: Path, queue_name: str, functions: dict[str, str], *options: str,
+    settings: str = "tests.fixtures.rq_settings",
 ) -> dict[str, Any]:
     """Enqueue ``functions`` (job id -> dotted name), run ``rq worker --burst OPTIONS`` to the
     end, collect what it saw and its log."""
@@ -43,7 +44,7 @@ def run_burst(
         }
         process = python(
             "-m", "rq.cli", "worker", "--burst", "--url", redis_url, *options,
-            "-c", "tests.fixtures.rq_settings", "--name", queue_name, queue_name,
+            "-c", settings, "--name", queue_name, queue_name,
             env={event_file.EVENTS_ENV: str(events)},
             log=log,
         )
@@ -187,3 +188,23 @@ def test_import_time_context_logs_a_warning_not_an_error(tutorial: dict[str, Any
     assert {(line["event"], line["level"], line.get("reason")) for line in lines} == {
         ("ctxtrace.long_lived", "warning", "import")
     }
+
+
+def test_import_time_context_in_the_forking_worker_is_reported_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The tasks module imported by the worker before it forks (its settings module): said
+    once, by the worker; the work-horses inherit the context and say nothing."""
+    result = run_burst(
+        redis_url, tmp_path, "ctxtrace-forking-preimported",
+        {f"job{n}": f"{TUTORIAL_MODULE}.shop_name" for n in range(TUTORIAL_JOBS)},
+        settings="tests.fixtures.rq_settings_tutorial",
+    )
+    assert set(result["states"].values()) == {"finished"}, result["log"][-3000:]
+    lines = [
+        json.loads(line) for line in result["log"].splitlines()
+        if line.startswith("{") and '"ctxtrace.' in line
+    ]
+    assert [(line["event"], line["level"], line["reason"], line["pid"]) for line in lines] == [
+        ("ctxtrace.long_lived", "warning", "import", result["worker_pid"])
+    ]
