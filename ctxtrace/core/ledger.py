@@ -33,7 +33,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
-from dataclasses import replace
 from typing import Final, Literal
 
 from ctxtrace._events import (
@@ -45,6 +44,7 @@ from ctxtrace._events import (
     Event,
     FlightRecord,
     Kind,
+    Outcome,
     OutOfContextAccess,
     Phase,
     Site,
@@ -67,6 +67,8 @@ from ctxtrace.core.records import (
     LONG_REPORTED,
     ORPHANED,
     OWNER,
+    P_AT,
+    P_ERROR,
     PUSHED,
     REF,
     REPORTED,
@@ -80,6 +82,7 @@ from ctxtrace.core.records import (
     Entry,
     LedgerPolicy,
     Marker,
+    PendingAccess,
     Stats,
     StatsSnapshot,
     ThreadState,
@@ -103,6 +106,25 @@ MAX_LOOSE: Final = 1024
 LOOSE_GRACE_NS: Final = 500_000_000
 #: How far ``causes`` follows an error's causes and contexts.
 _MAX_CAUSES: Final = 32
+
+
+def _told(access: PendingAccess, outcome: Outcome) -> OutOfContextAccess:
+    """The event of a pending access, now that its outcome is known."""
+    proxy, site, phase, thread_name, exc, unit, flight, at_ns, parent, carry = access
+    return OutOfContextAccess(
+        proxy=proxy,
+        site=site,
+        phase=phase,
+        thread_name=thread_name,
+        exc_type=type(exc).__name__,
+        exc_message=str(exc).split("\n", 1)[0][:200],
+        unit=unit,
+        flight=flight,
+        at_ns=at_ns,
+        parent_unit=parent,
+        outcome=outcome,
+        carry=carry,
+    )
 
 
 def causes(exc: BaseException) -> list[BaseException]:
@@ -174,7 +196,7 @@ class Ledger:
         # Request units whose own contexts are pushed and untracked (see the module doc).
         self._inflight: set[UnitState] = set()
         # Accesses made outside any unit of work, told at the next sweep (see ``access``).
-        self._loose: deque[tuple[OutOfContextAccess, BaseException]] = deque()
+        self._loose: deque[PendingAccess] = deque()
         self._loose_lock = threading.Lock()
         self._stats: dict[tuple[str, str], Stats] = {}
         self._stats_lock = threading.Lock()
@@ -962,21 +984,20 @@ class Ledger:
         thread = self._thread()
         unit = self._unit.get() or thread.unit
         capture = self._capture
-        event = OutOfContextAccess(
-            proxy=proxy,
-            site=site,
-            phase=phase,
-            thread_name=thread.name,
-            exc_type=type(exc).__name__,
-            exc_message=str(exc).split("\n", 1)[0][:200],
-            unit=unit.info() if unit is not None else None,
-            flight=self._flight(thread),
-            at_ns=self._clock(),
-            parent_unit=parent_unit,
-            carry=capture() if capture is not None else None,
+        access: PendingAccess = (
+            proxy,
+            site,
+            phase,
+            thread.name,
+            exc,
+            unit.info() if unit is not None else None,
+            self._flight(thread),
+            self._clock(),
+            parent_unit,
+            capture() if capture is not None else None,
         )
         if unit is None or unit.finished:
-            self._loose.append((event, exc))
+            self._loose.append(access)
             if len(self._loose) > MAX_LOOSE:
                 self.settle_loose(None, keep=MAX_LOOSE)
             return
@@ -984,9 +1005,8 @@ class Ledger:
         if pending is None:
             pending = unit.pending = []
         elif len(pending) >= MAX_PENDING:
-            oldest, _ = pending.pop(0)
-            self._emit(replace(oldest, outcome="handled"))
-        pending.append((event, exc))
+            self._emit(_told(pending.pop(0), "handled"))
+        pending.append(access)
 
     def escaped(self, exc: BaseException) -> None:
         """``exc`` is failing the running unit: the accesses whose errors led to it escaped."""
@@ -995,11 +1015,11 @@ class Ledger:
         if not pending:
             return
         chain = {id(e) for e in causes(exc)}
-        told = [item for item in pending if id(item[1]) in chain]
+        told = [access for access in pending if id(access[P_ERROR]) in chain]
         if told:
-            pending[:] = [item for item in pending if id(item[1]) not in chain]
-            for event, _ in told:
-                self._emit(replace(event, outcome="escaped"))
+            pending[:] = [access for access in pending if id(access[P_ERROR]) not in chain]
+            for access in told:
+                self._emit(_told(access, "escaped"))
 
     def settle_now(self) -> None:
         """Tell what waits, for code that asks while it runs (the pytest plugin's
@@ -1014,8 +1034,8 @@ class Ledger:
     def _settle(self, unit: UnitState) -> None:
         """The unit ended: the accesses whose errors never failed it were handled."""
         pending, unit.pending = unit.pending, None
-        for event, _ in pending or ():
-            self._emit(replace(event, outcome="handled"))
+        for access in pending or ():
+            self._emit(_told(access, "handled"))
 
     def settle_loose(self, before_ns: int | None = None, keep: int = 0) -> None:
         """Tell accesses made outside any unit, those before ``before_ns`` (all: None).
@@ -1028,12 +1048,12 @@ class Ledger:
         told: list[OutOfContextAccess] = []
         with self._loose_lock:
             while len(loose) > keep:
-                event, exc = loose[0]
-                if before_ns is not None and event.at_ns > before_ns:
+                access = loose[0]
+                if before_ns is not None and access[P_AT] > before_ns:
                     break
                 loose.popleft()
-                handled = sites.caught_by_application(exc)
-                told.append(replace(event, outcome="handled" if handled else "escaped"))
+                handled = sites.caught_by_application(access[P_ERROR])
+                told.append(_told(access, "handled" if handled else "escaped"))
         for event in told:
             self._emit(event)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
 from ctxtrace._config import default_of
-from ctxtrace._events import ANOMALY_KINDS, ContextInfo, Kind, OutOfContextAccess, Unit
+from ctxtrace._events import ANOMALY_KINDS, ContextInfo, FlightRecord, Kind, Phase, Site, Unit
 from ctxtrace.core.names import safe_name
 
 
@@ -70,6 +70,17 @@ class Stats:
         self.durations: deque[float] = deque(maxlen=buffer)
 
 
+#: An out-of-context access not told yet: what its event will carry, and the error
+#: the caller got (``Ledger.access``). A tuple: the event itself is built once, when
+#: its outcome is known. The indices are named here.
+PendingAccess: TypeAlias = tuple[
+    str, "Site | None", "Phase", str, BaseException, "Unit | None",
+    "tuple[FlightRecord, ...]", int, "Unit | None", object,
+]
+P_ERROR: Final = 4
+P_AT: Final = 7
+
+
 class ThreadState:
     """Per-thread facts captured once: identity and the flight record."""
 
@@ -118,7 +129,7 @@ class UnitState:
     detail: DispatchDetail | None = None
     # Out-of-context accesses not told yet, with the error each raised: see
     # ``Ledger.access``.
-    pending: list[tuple[OutOfContextAccess, BaseException]] | None = None
+    pending: list[PendingAccess] | None = None
     # The thread's unit when this one began (``ThreadState.unit``), for non-requests.
     outer_on_thread: UnitState | None = None
     _id = 0
