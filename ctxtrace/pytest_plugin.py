@@ -10,8 +10,15 @@ end of its teardown. An out-of-context access fails the phase it happened in; a
 context pushed during the test and still pushed when it ends, in the test's
 thread or in a thread it started, fails it too: at teardown, which pytest shows
 as an error. Each message names the anomaly and the site (``file:line``). What
-the test left on its thread's stacks is popped after it, so the next test
-starts with what this one found.
+the test pushed and left on its thread's stacks is popped after it, so the next
+test starts with what this one found.
+
+A context that a fixture of a wider scope (class, module, package, session, and
+unittest's ``setUpClass``/``setUpModule``, which pytest runs as such fixtures)
+pushed is that fixture's while it lives: never a test's leak, never popped by
+the plugin. Only if it is still pushed after the fixture's own teardown has it
+outlived its owner: then the test whose teardown ran it errors, and the plugin
+pops it.
 
 ``@pytest.mark.ctxtrace_allow("leaked", ...)`` lets a test do the named things
 on purpose (no names: anything). A test that turns ctxtrace off or on itself
@@ -27,7 +34,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,8 +43,9 @@ from flask import globals as flask_globals
 
 from ctxtrace import _agent
 from ctxtrace._agent import Agent
-from ctxtrace._events import ANOMALIES, Anomaly, Event, OutOfContextAccess, Site
+from ctxtrace._events import ANOMALIES, Anomaly, ContextInfo, Event, OutOfContextAccess, Site
 from ctxtrace._host import UnitHandle
+from ctxtrace.core.records import entry_info
 
 MARKER: Final = "ctxtrace_allow"
 ACCESS: Final = "out_of_context_access"
@@ -145,6 +153,15 @@ def _allowed(item: pytest.Item) -> frozenset[str] | None:
 # -- the guard ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Orphan:
+    """A context still pushed after the teardown of the wider-scoped fixture that pushed it."""
+
+    ctx: object
+    fixturedef: pytest.FixtureDef[Any]
+    info: ContextInfo | None
+
+
 @dataclass
 class _Run:
     """One test under watch.
@@ -160,8 +177,9 @@ class _Run:
     allowed: frozenset[str] | None
     handle: UnitHandle | None = None
     started_ns: int = 0
-    tops: tuple[object, ...] = ()
     checked: int = 0
+    #: Contexts that outlived the wider-scoped fixture that pushed them, and the fixture.
+    orphans: list[_Orphan] = field(default_factory=list)
 
 
 class _Guard:
@@ -174,6 +192,9 @@ class _Guard:
         self.subscribed: Agent | None = None
         self.run: _Run | None = None
         self.note: str | None = None
+        #: What each live fixture of a scope wider than a test pushed and kept
+        #: pushed: the contexts its setup left on top of the stacks.
+        self.owned_by: dict[pytest.FixtureDef[Any], tuple[object, ...]] = {}
 
     def agent(self) -> Agent | None:
         """The running agent, started by the plugin when the suite has none."""
@@ -220,7 +241,34 @@ class _Guard:
     def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef[Any]) -> Generator[None, Any, Any]:
         if fixturedef.scope == "function":
             self._begin()
-        return (yield)
+            return (yield)
+        before = _flask_tops()
+        try:
+            return (yield)
+        finally:
+            # Its setup's contexts are this fixture's until its teardown, whichever
+            # test's setup ran it; the top one is enough to know, since nothing
+            # below it can be popped before it.
+            kept = tuple(
+                top for top, was in zip(_flask_tops(), before, strict=False)
+                if top is not None and top is not was
+            )
+            if kept:
+                self.owned_by[fixturedef] = kept
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_fixture_post_finalizer(self, fixturedef: pytest.FixtureDef[Any]) -> None:
+        kept = self.owned_by.pop(fixturedef, ())
+        run = self.run
+        agent = _agent.current()
+        if run is None or agent is None:
+            return
+        for ctx in kept:
+            with contextlib.suppress(Exception):
+                if agent.shape.push_count(ctx) > 0:
+                    entry = agent.ledger.records.get(id(ctx))
+                    info = entry_info(entry) if entry is not None else None
+                    run.orphans.append(_Orphan(ctx, fixturedef, info))
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
@@ -235,7 +283,6 @@ class _Guard:
         run = self.run
         if run is None or run.handle is not None or _agent.current() is not run.agent:
             return
-        run.tops = _flask_tops()
         run.started_ns = time.monotonic_ns()
         run.handle = run.agent.begin_unit("test", run.item.nodeid)
 
@@ -262,20 +309,32 @@ class _Guard:
             # The test turned ctxtrace off or on itself: it is not ours to judge.
             self.run = None
             return
-        popped = 0
+        popped: set[int] = set()
+        orphans: list[str] = []
+        # Contexts of wider-scoped fixtures: a leak of the fixture's if any, never the test's.
+        fixtures = self._fixture_context_ids(run)
         if last:
             self.run = None
             if run.handle is not None:
                 run.agent.end_unit(run.handle)
-                # Leave the next test the stacks this one found, whatever it was allowed.
-                popped = _pop_down_to(run.tops)
+            # Leave the next test the stacks this one found, whatever it was allowed:
+            # pop what the test left, and what outlived its fixture, never what a
+            # live fixture holds.
+            popped, popped_objects = self._pop_leftovers(run)
+            if run.allowed is not None and "leaked" not in run.allowed:
+                orphans = [
+                    self._describe_orphan(run, o, popped=id(o.ctx) in popped_objects)
+                    for o in run.orphans
+                ]
         events = run.log.events[run.checked :]
         run.checked += len(events)
         problems = [
-            self._describe(e, popped=popped > 0)
+            self._describe(e, popped=isinstance(e, Anomaly) and e.context.id in popped)
             for e in events
             if self._fails(run, e)
+            and not (isinstance(e, Anomaly) and e.context.id in fixtures)
         ]
+        problems += orphans
         if not problems:
             return
         text = "\n".join(problems)
@@ -299,6 +358,55 @@ class _Guard:
             run.handle is not None and event.context.pushed_ns >= run.started_ns
         )
 
+    def _fixture_context_ids(self, run: _Run, *, live_only: bool = False) -> set[int]:
+        """ctxtrace's ids of the contexts wider-scoped fixtures pushed and keep, or
+        (unless ``live_only``) kept past their teardown."""
+        contexts = [ctx for kept in self.owned_by.values() for ctx in kept]
+        if not live_only:
+            contexts += [o.ctx for o in run.orphans]
+        ids = {run.agent.ledger.context_id(ctx) for ctx in contexts}
+        return {i for i in ids if i is not None}
+
+    def _pop_leftovers(self, run: _Run) -> tuple[set[int], set[int]]:
+        """Pop, from the top, the contexts this test leaked or a dead fixture left.
+
+        Stops at the first other one: a context of a live fixture of a wider
+        scope, or one that was there before the test (an import's, say). Says
+        which were popped: by ctxtrace's id and by ``id()``.
+        """
+        leaked = set()
+        if run.handle is not None:
+            leaked = {
+                e.context.id
+                for e in run.log.events
+                if isinstance(e, Anomaly)
+                and e.name == "leaked"
+                and e.context.pushed_ns >= run.started_ns
+            }
+        leaked -= self._fixture_context_ids(run, live_only=True)
+        orphaned = {id(o.ctx) for o in run.orphans}
+        popped: set[int] = set()
+        popped_objects: set[int] = set()
+        ledger = run.agent.ledger
+        for var in _flask_stacks():
+            for _ in range(100):
+                ctx = var.get(None)
+                if ctx is None:
+                    break
+                cid = ledger.context_id(ctx)
+                if cid not in leaked and id(ctx) not in orphaned:
+                    break
+                try:
+                    ctx.pop()
+                except Exception:
+                    # Flask refused (a wrong pop): leave the rest as it is.
+                    if var.get(None) is ctx:
+                        break
+                popped_objects.add(id(ctx))
+                if cid is not None:
+                    popped.add(cid)
+        return popped, popped_objects
+
     def _describe(self, event: Event, *, popped: bool) -> str:
         if isinstance(event, OutOfContextAccess):
             return (
@@ -315,6 +423,21 @@ class _Guard:
             f"{event.unit.kind + ' ' + event.unit.name if event.unit else 'its unit'} ended"
             f"{'; ctxtrace popped it after the test' if popped or event.repaired else ''}\n"
             f"  Pop it (use `with`), or allow it with @pytest.mark.{MARKER}(\"{event.name}\")."
+        )
+
+    def _describe_orphan(self, run: _Run, orphan: _Orphan, *, popped: bool) -> str:
+        fixturedef = orphan.fixturedef
+        if orphan.info is not None:
+            kind, app, where = orphan.info.kind, orphan.info.app, self._where(orphan.info.site)
+        else:
+            kind, app = run.agent.hooks.describe(orphan.ctx)
+            where = "an unknown site"
+        return (
+            f"ctxtrace: leaked: {kind} context of app {app!r} pushed at {where} by the "
+            f"{fixturedef.scope}-scoped fixture {fixturedef.argname!r} is still pushed after "
+            f"that fixture's teardown{'; ctxtrace popped it after the test' if popped else ''}\n"
+            f"  Pop it in the fixture's teardown (use `with`), or allow it with "
+            f"@pytest.mark.{MARKER}(\"leaked\")."
         )
 
     def _where(self, site: Site | None) -> str:
@@ -338,24 +461,6 @@ def _flask_tops() -> tuple[object, ...]:
 def _flask_stacks() -> list[Any]:
     names = ("_cv_request", "_cv_app")  # Flask 3.2 has only _cv_app
     return [v for v in (getattr(flask_globals, n, None) for n in names) if v is not None]
-
-
-def _pop_down_to(tops: tuple[object, ...]) -> int:
-    """Pop what a test left on this thread's stacks, back to ``tops``; say how many."""
-    popped = 0
-    for var, top in zip(_flask_stacks(), tops, strict=False):
-        for _ in range(100):
-            ctx = var.get(None)
-            if ctx is None or ctx is top:
-                break
-            try:
-                ctx.pop()
-                popped += 1
-            except Exception:
-                # Flask refused (a wrong pop): leave the rest as it is.
-                if var.get(None) is ctx:
-                    break
-    return popped
 
 
 def _name(event: Event) -> str:

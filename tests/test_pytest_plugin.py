@@ -269,3 +269,154 @@ def test_unknown_anomaly_in_the_marker_is_a_usage_error(pytester: pytest.Pyteste
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ctxtrace")
     result.stdout.fnmatch_lines(["*unknown anomaly 'leak' in @pytest.mark.ctxtrace_allow*"])
     assert result.ret != 0
+
+
+SCOPES = textwrap.dedent(
+    """
+    import pytest
+    from flask import Flask, current_app
+
+    app = Flask("scopes")
+
+
+    @pytest.fixture(scope="module")
+    def module_ctx():
+        ctx = app.app_context()
+        ctx.push()
+        yield ctx
+        ctx.pop()
+
+
+    @pytest.fixture(scope="class")
+    def class_ctx(module_ctx):
+        ctx = app.app_context()
+        ctx.push()
+        yield ctx
+        ctx.pop()
+
+
+    @pytest.mark.usefixtures("class_ctx")
+    class TestInTheClass:
+        def test_first(self):
+            assert current_app.name == "scopes"
+
+        def test_last(self, module_ctx):
+            assert current_app._get_current_object() is module_ctx.app
+
+
+    def test_after_the_class(module_ctx):
+        assert current_app.name == "scopes"
+    """
+)
+
+
+def test_contexts_of_live_wider_fixtures_are_never_popped(pytester: pytest.Pytester) -> None:
+    """A class fixture's context over a module fixture's: the plugin pops neither."""
+    pytester.makepyfile(test_scopes=SCOPES)
+    plain = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    plain.assert_outcomes(passed=3)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ctxtrace")
+    result.assert_outcomes(passed=3)
+    result.stdout.no_fnmatch_line("*LookupError*")
+    result.stderr.no_fnmatch_line("*double_pop*")
+    result.stderr.no_fnmatch_line("*ctxtrace.*")
+
+
+def test_unittest_class_and_module_contexts_are_never_popped(pytester: pytest.Pytester) -> None:
+    """unittest's setUpModule and setUpClass own their contexts until their tear-downs."""
+    pytester.makepyfile(
+        test_unittest_scopes="""
+        import unittest
+        from flask import Flask, current_app
+
+        app = Flask("unittest-scopes")
+        module_ctx = app.app_context()
+
+        def setUpModule():
+            module_ctx.push()
+
+        def tearDownModule():
+            module_ctx.pop()
+
+        class TestWithAClassContext(unittest.TestCase):
+            @classmethod
+            def setUpClass(cls):
+                cls.ctx = app.app_context()
+                cls.ctx.push()
+
+            @classmethod
+            def tearDownClass(cls):
+                cls.ctx.pop()
+
+            def test_in_the_class(self):
+                self.assertEqual(current_app.name, "unittest-scopes")
+
+        class TestAfter(unittest.TestCase):
+            def test_after_the_class(self):
+                self.assertEqual(current_app.name, "unittest-scopes")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ctxtrace")
+    result.assert_outcomes(passed=2)
+    result.stdout.no_fnmatch_line("*LookupError*")
+    result.stderr.no_fnmatch_line("*ctxtrace.*")
+
+
+def test_a_context_that_outlives_its_fixture_fails_the_teardown_that_ends_it(
+    pytester: pytest.Pytester,
+) -> None:
+    """A class fixture (or setUpClass) that never pops: the last test of its class errors."""
+    pytester.makepyfile(
+        test_outlives="""
+        import unittest
+
+        import flask
+        import pytest
+        from flask import Flask, current_app
+
+        app = Flask("outlives")
+
+        @pytest.fixture(scope="class")
+        def class_ctx():
+            app.app_context().push()
+            yield
+
+        @pytest.mark.usefixtures("class_ctx")
+        class TestFixture:
+            def test_one(self):
+                assert current_app.name == "outlives"
+
+            def test_two(self):
+                assert current_app.name == "outlives"
+
+        class TestSetUpClass(unittest.TestCase):
+            @classmethod
+            def setUpClass(cls):
+                app.app_context().push()
+
+            def test_three(self):
+                self.assertEqual(current_app.name, "outlives")
+
+        def test_starts_clean():
+            assert not flask.has_app_context()
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ctxtrace")
+    result.assert_outcomes(passed=4, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of TestFixture.test_two*",
+            "*ctxtrace: leaked: app context of app 'outlives' pushed at test_outlives.py:11 "
+            "in class_ctx by the class-scoped fixture 'class_ctx' is still pushed after "
+            "that fixture's teardown; ctxtrace popped it after the test*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of TestSetUpClass.test_three*",
+            "*ctxtrace: leaked: app context of app 'outlives' pushed at test_outlives.py:25 "
+            "in TestSetUpClass.setUpClass by the class-scoped fixture "
+            "'_unittest_setUpClass_fixture_TestSetUpClass' is still pushed after that "
+            "fixture's teardown; ctxtrace popped it after the test*",
+        ]
+    )
