@@ -130,14 +130,16 @@ class Agent:
     def unsubscribe(self, emitter: Emitter) -> None:
         self.emitters = [e for e in self.emitters if e is not emitter]
 
-    def begin_unit(self, kind: str, name: str) -> UnitHandle:
+    def begin_unit(self, kind: str, name: str, *, defer_stale: bool = False) -> UnitHandle:
         """Start a unit of work (task, job, command, thread) on the calling thread.
 
         Integrations call this where their unit starts and ``end_unit`` where it
         ends, on the same thread; contexts the unit leaves pushed are leaked.
+        With ``defer_stale``, what earlier units left is looked for at its end,
+        unless a unit inside it (a request) has looked by then.
         """
         try:
-            unit, token = self.ledger.begin_unit(kind, name)
+            unit, token = self.ledger.begin_unit(kind, name, check_stale=not defer_stale)
         except Exception as exc:
             self.errors.record("units", exc)
             return UnitHandle(None, None)

@@ -45,7 +45,11 @@ class Host(Protocol):
 
     # -- units of work (integrations) ----------------------------------------
 
-    def begin_unit(self, kind: str, name: str) -> UnitHandle: ...
+    def begin_unit(self, kind: str, name: str, *, defer_stale: bool = False) -> UnitHandle:
+        """A unit starts on the calling thread. ``defer_stale``: look for what earlier
+        units left on the thread at its end, unless a unit inside it has looked by then
+        (an executor work item that serves a request names the request, not itself)."""
+        ...
 
     def end_unit(self, handle: UnitHandle) -> None: ...
 

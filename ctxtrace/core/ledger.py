@@ -742,6 +742,12 @@ class Ledger:
     def check_stale(self, unit: UnitState) -> None:
         """Report each context a finished unit left on this thread's stacks."""
         unit.checked = True
+        # Units around this one that put their check off (an executor work item
+        # serving a request) are checked too: one report, under the inner name.
+        outer = unit.parent
+        while outer is not None and not outer.checked:
+            outer.checked = True
+            outer = outer.parent
         if not self._check_stale:
             return
         for var in self._stacks.values():

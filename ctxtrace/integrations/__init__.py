@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Final
 
-from ctxtrace.integrations import celery, click, rq, threads
+from ctxtrace.integrations import celery, click, executors, rq, threads
 from ctxtrace.integrations.kit import Remover, on_import
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ def _gunicorn_master(host: Host) -> Remover:
 
 INSTALLERS: Final[tuple[tuple[str, Installer], ...]] = (
     ("threads", threads.install),
+    ("executors", executors.install),
     ("click", click.install),
     ("celery", celery.install),
     ("rq", rq.install),

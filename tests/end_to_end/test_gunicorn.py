@@ -46,7 +46,7 @@ def _sample(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 
 def _gunicorn(
-    folder: Path, app: str, *options: str
+    folder: Path, app: str, *options: str, sets: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[bytes], str, Path, Path]:
     """``ctxtrace run -- gunicorn --preload OPTIONS app`` on a free loopback port.
 
@@ -58,6 +58,7 @@ def _gunicorn(
     command = [
         str(BIN / "ctxtrace"), "run",
         "--set", "prometheus_port=0", "--set", f"prometheus_targets_dir={targets}",
+        *(item for option in sets for item in ("--set", option)),
         "--",
         str(BIN / "gunicorn"), "--preload", *options,
         "--no-control-socket", "--graceful-timeout", "10", "-b", f"127.0.0.1:{port}", app,
@@ -308,3 +309,43 @@ def test_preload_worker_restarts_keep_per_worker_series_exact(tmp_path: Path) ->
     fixture = REPO / "tests" / "fixtures" / "preload_app.py"
     assert leak["site"] == f"{fixture}:{line_of(str(fixture), 'import-push')}"
     assert sorted(p.name for p in targets.glob("*.json")) == []
+
+
+# -- gthread: requests on a pool --------------------------------------------------
+
+
+def test_gthread_pool_threads_report_leaks_and_stale_contexts_by_unit(tmp_path: Path) -> None:
+    """gthread serves requests on a ThreadPoolExecutor: each request and each task of the
+    app's own pool is a unit; a leak is its unit's, and the next unit on the thread finds it
+    stale, named after that request's endpoint or that task's function, never gthread's."""
+    process, base, _targets_dir, log = _gunicorn(
+        tmp_path, "tests.fixtures.gthread_app:app", "-w", "1", "-k", "gthread", "--threads", "1",
+    )
+    try:
+
+        def ready() -> bool:
+            try:
+                return _get(f"{base}/") == "ok"
+            except OSError:
+                return False
+
+        wait_until(ready, timeout=30, what="gunicorn's gthread worker")
+        assert _get(f"{base}/") == "ok"
+        assert _get(f"{base}/task/leak") == "task leaked"
+        # Flask <= 3.1 hands the leaked context's g to the next task on that thread.
+        assert _get(f"{base}/task/clean") in ("alice", "nobody")
+        assert _get(f"{base}/leak") == "leaked"
+        assert _get(f"{base}/") == "ok"
+    finally:
+        stop(process, grace=20, group=True)
+    seen = sorted(
+        (line["anomaly"], line.get("unit"), line.get("reason"))
+        for line in _anomaly_lines(log)
+    )
+    module = "tests.fixtures.gthread_app"
+    assert seen == [
+        ("leaked", f"executor:{module}.leave_pushed", "unit_end"),
+        ("leaked", "request:leak", "unit_end"),
+        ("stale_context", f"executor:{module}.read_user", None),
+        ("stale_context", "request:index", None),
+    ], log.read_text()[-3000:]
