@@ -85,7 +85,10 @@ class LineWriter:
         self._target: tuple[int, int] | None = None
         # A list, so that the finaliser closes whichever descriptor is current then.
         self._own = [_Descriptor(-1, 0)]
-        weakref.finalize(self, _close_current, self._own)
+        # Not at exit: ctxtrace's own atexit handler writes its last lines after
+        # weakref's (registered later, so run earlier) would have closed it. The
+        # process's end closes it then.
+        weakref.finalize(self, _close_current, self._own).atexit = False
 
     def _send(self) -> Callable[[bytes], int] | None:
         """How to reach what the stream's descriptor leads to now (``None``: the stream)."""
@@ -203,35 +206,66 @@ def _context_fields(info: ContextInfo, prefix: str = "") -> dict[str, Any]:
     return fields
 
 
+#: What a rate limiter held back under one key: ``(key, count, the last event held back)``.
+Held = tuple[tuple[str, str], int, object]
+
+
 class RateLimiter:
-    """First occurrence of a key always passes; then one summary per window."""
+    """First occurrence of a key always passes; then one summary per window.
+
+    What a window held back is counted per key, with the last event held back,
+    so that ``drain`` can write it out when the process ends (a window nothing
+    followed would otherwise be lost, and logs would undercount).
+    """
 
     def __init__(self, window_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
-        self._window = window_s
+        self.window = window_s
         self._clock = clock
-        self._seen: dict[tuple[str, str], list[float]] = {}
+        #: key -> [window start, held back since the last line, the last event held back]
+        self._seen: dict[tuple[str, str], list[Any]] = {}
+        #: Held back under keys forgotten to stay bounded, not yet written out.
+        self._held: list[Held] = []
         self._lock = threading.Lock()
         self.dropped = itertools.count()
 
-    def admit(self, key: tuple[str, str]) -> int | None:
+    def admit(self, key: tuple[str, str], event: object = None) -> int | None:
         """``None`` to drop the line, else how many were dropped since the last one."""
-        if self._window is None:
+        if self.window is None:
             return 0
         now = self._clock()
         with self._lock:
             state = self._seen.get(key)
             if state is None:
                 if len(self._seen) >= _MAX_KEYS:
+                    # Bounded: what the forgotten keys held back is still written out.
+                    self._held = [*self._held, *self._take()][-_MAX_KEYS:]
                     self._seen.clear()
-                self._seen[key] = [now, 0.0]
+                self._seen[key] = [now, 0, None]
                 return 0
-            if now - state[0] < self._window:
+            if now - state[0] < self.window:
                 state[1] += 1
+                state[2] = event
                 next(self.dropped)
                 return None
             suppressed = int(state[1])
-            state[0], state[1] = now, 0.0
+            state[0], state[1], state[2] = now, 0, None
             return suppressed
+
+    def _take(self) -> list[Held]:
+        taken: list[Held] = []
+        for key, state in self._seen.items():
+            if state[1]:
+                taken.append((key, int(state[1]), state[2]))
+                state[1], state[2] = 0, None
+        return taken
+
+    def drain(self) -> list[Held]:
+        """What every key held back since its last line: ``(key, count, last event)``;
+        counted as written from now on."""
+        with self._lock:
+            taken = [*self._held, *self._take()]
+            self._held.clear()
+        return taken
 
 
 class LogEmitter:
@@ -272,11 +306,40 @@ class LogEmitter:
         fields.update(self._enrich(event))
         return fields
 
-    def _anomaly(self, event: Anomaly) -> None:
-        site = str(event.context.site) if event.context.site is not None else "?"
-        suppressed = self._limiter.admit((event.name, site))
-        if suppressed is None:
-            return
+    # -- what the rate limit held back ---------------------------------------------
+
+    def flush(self, timeout_s: float = 0.0) -> None:
+        """Write out what the rate limit held back: one summary line per site.
+
+        Called when the process ends (``stop``, from atexit or uninstrument) and
+        where it ends without atexit (an RQ work-horse, a Celery pool process), so
+        that no window's occurrences are lost. A summary line is the last line held
+        back, with ``suppressed_since_last`` (how many occurrences it stands for)
+        and ``summary: true`` (it is not an occurrence of its own).
+        """
+        for _key, count, event in self._limiter.drain():
+            if isinstance(event, Anomaly):
+                self._anomaly(event, summary=count)
+            elif isinstance(event, OutOfContextAccess):
+                self._access(event, summary=count)
+
+    def stop(self, timeout_s: float = 0.0) -> None:
+        self.flush(timeout_s)
+
+    def after_fork(self) -> None:
+        """A forked child counts its own occurrences: none of the parent's, held back or not."""
+        self._limiter = RateLimiter(self._limiter.window)
+
+    # -- lines -------------------------------------------------------------------------
+
+    def _anomaly(self, event: Anomaly, summary: int = 0) -> None:
+        if summary:
+            suppressed: int | None = summary
+        else:
+            site = str(event.context.site) if event.context.site is not None else "?"
+            suppressed = self._limiter.admit((event.name, site), event)
+            if suppressed is None:
+                return
         fields = self._common(event)
         fields.update(_context_fields(event.context))
         fields.update(
@@ -300,15 +363,20 @@ class LogEmitter:
             fields["repaired"] = True
         if suppressed:
             fields["suppressed_since_last"] = suppressed
+        if summary:
+            fields["summary"] = True
         log = self._logger()
         method = log.error if event.name in _ERROR_ANOMALIES else log.warning
         method(f"ctxtrace.{event.name}", **fields)
 
-    def _access(self, event: OutOfContextAccess) -> None:
+    def _access(self, event: OutOfContextAccess, summary: int = 0) -> None:
         site = str(event.site) if event.site is not None else "?"
-        suppressed = self._limiter.admit(("out_of_context_access", site))
-        if suppressed is None:
-            return
+        if summary:
+            suppressed: int | None = summary
+        else:
+            suppressed = self._limiter.admit(("out_of_context_access", site), event)
+            if suppressed is None:
+                return
         fields = self._common(event)
         fields.update(
             proxy=event.proxy,
@@ -327,6 +395,8 @@ class LogEmitter:
             fields["library_site"] = str(event.site.via)
         if suppressed:
             fields["suppressed_since_last"] = suppressed
+        if summary:
+            fields["summary"] = True
         # One the application caught is worth seeing, not worth a warning.
         log = self._logger()
         method = log.warning if event.outcome == "escaped" else log.info

@@ -161,6 +161,18 @@ class TestJsonLog:
         assert access.details["started_by"] == {"request:index": 1}
         assert report.workers[W1].anomalies == {"leaked": 6, "out_of_context_access": 1}
 
+    def test_a_summary_line_counts_only_what_it_stands_for(self) -> None:
+        """The line a process writes at exit for its last window is not an occurrence itself."""
+        report = report_model.Report()
+        lines = [
+            _line("leaked", anomaly="leaked", site="/srv/shop/jobs.py:12", reason="unit_end"),
+            _line("leaked", anomaly="leaked", site="/srv/shop/jobs.py:12", reason="unit_end",
+                  suppressed_since_last=29, summary=True),
+        ]
+        report_sources.add_log_lines(report, lines, "app.log")
+        assert report.culprits[("leaked", "/srv/shop/jobs.py:12")].count == 30
+        assert report.workers[W1].log_anomalies == {"leaked": 30}
+
     def test_spliced_lines_are_split(self) -> None:
         """Two workers' lines run together on a shared stream still count as two."""
         first, second = LOG[1], LOG[3]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -123,14 +126,92 @@ def test_rate_limit_first_then_summary() -> None:
 
 
 def test_flood_is_bounded(app: Flask, capsys: pytest.CaptureFixture[str]) -> None:
-    """A leak on every call from one site logs once per window, not once per call."""
+    """An access on every call from one site logs once per window, not once per call; what
+    the window held back is one summary line when ctxtrace stops."""
     assert ctxtrace.instrument(metrics="none")
     for _ in range(50):
         with pytest.raises(RuntimeError):
             current_app.name  # noqa: B018
     ctxtrace.uninstrument()
     lines = [x for x in _json_lines(capsys.readouterr().err) if x["event"].startswith("ctxtrace.")]
-    assert len(lines) == 1
+    assert len(lines) == 2
+    first, summary = lines
+    assert "suppressed_since_last" not in first and "summary" not in first
+    assert summary["event"] == "ctxtrace.out_of_context_access"
+    assert (summary["suppressed_since_last"], summary["summary"]) == (49, True)
+    assert summary["site"] == first["site"]
+
+
+def test_limiter_drains_what_each_window_held_back() -> None:
+    """drain() hands back each key's count and last event once; a new line starts from zero."""
+    now = [0.0]
+    limiter = RateLimiter(10.0, clock=lambda: now[0])
+    key, other = ("leaked", "a.py:1"), ("leaked", "b.py:2")
+    assert limiter.admit(key, "first") == 0
+    assert limiter.admit(key, "second") is None
+    assert limiter.admit(key, "third") is None
+    assert limiter.admit(other, "only") == 0
+    assert limiter.drain() == [(key, 2, "third")]
+    assert limiter.drain() == []
+    assert limiter.admit(key, "fourth") is None
+    now[0] = 11.0
+    assert limiter.admit(key, "fifth") == 1  # the drained two are not counted again
+
+
+def test_the_last_window_is_written_out_when_the_process_exits(tmp_path: Any) -> None:
+    """A process that exits inside a window (atexit) still writes what it held back."""
+    script = tmp_path / "flood.py"
+    script.write_text(
+        "from flask import current_app\n"
+        "import ctxtrace\n"
+        "assert ctxtrace.instrument(metrics='none')\n"
+        "for _ in range(30):\n"
+        "    try:\n"
+        "        current_app.name\n"
+        "    except RuntimeError:\n"
+        "        pass\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXTRACE_", "OTEL_"))}
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env,
+        check=True,
+    )
+    lines = [x for x in _json_lines(result.stderr) if x["event"].startswith("ctxtrace.")]
+    assert [(x["event"], x.get("suppressed_since_last"), x.get("summary")) for x in lines] == [
+        ("ctxtrace.out_of_context_access", None, None),
+        ("ctxtrace.out_of_context_access", 29, True),
+    ]
+
+
+def test_a_forked_child_does_not_write_out_its_parents_window(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """After fork the child starts its own windows: the parent's held-back count is the
+    parent's to write, once."""
+    assert ctxtrace.instrument(metrics="none")
+    for _ in range(5):
+        with pytest.raises(RuntimeError):
+            current_app.name  # noqa: B018
+    pid = os.fork()
+    if pid == 0:  # the child: exits without atexit, after writing what it held back
+        code = 0
+        try:
+            agent = _agent.current()
+            assert agent is not None
+            with contextlib.suppress(RuntimeError):
+                current_app.name  # noqa: B018
+            agent.logs.flush()
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    ctxtrace.uninstrument()
+    lines = [x for x in _json_lines(capfd.readouterr().err) if x["event"].startswith("ctxtrace.")]
+    counts = sorted((x["pid"], x.get("suppressed_since_last", 0)) for x in lines)
+    # Parent: the first line, then 4 held back; child: its own first line, nothing held.
+    assert counts == sorted([(os.getpid(), 0), (os.getpid(), 4), (pid, 0)])
 
 
 def test_host_structlog_processors_are_used(host_structlog: list[dict[str, Any]]) -> None:

@@ -84,7 +84,7 @@ class WorkerStats:
     worker: str
     kinds: dict[str, KindStats] = field(default_factory=dict)
     #: Anomaly counts from metrics (exact at the scrape) and from log lines (every line
-    #: counts once plus its ``suppressed_since_last``).
+    #: counts once plus its ``suppressed_since_last``; a ``summary`` line only the latter).
     metric_anomalies: Counter[str] = field(default_factory=Counter)
     log_anomalies: Counter[str] = field(default_factory=Counter)
     apps: set[str] = field(default_factory=set)

@@ -219,7 +219,10 @@ def _add_entry(report: Report, entry: dict[str, Any]) -> bool:
         elif isinstance(entry.get("duration_s"), int | float) and not kind.buckets:
             kind.durations.append(float(entry["duration_s"]))
         return True
-    count = 1 + int(entry.get("suppressed_since_last") or 0)
+    # A line is one occurrence plus those the rate limit held back since the site's last
+    # line; a summary line (written when the process ends) only stands for those.
+    held_back = int(entry.get("suppressed_since_last") or 0)
+    count = held_back if entry.get("summary") is True else 1 + held_back
     stats.log_anomalies[anomaly] += count
     at = _timestamp(entry.get("timestamp"))
     if at is not None:
