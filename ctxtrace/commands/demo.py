@@ -261,8 +261,9 @@ def run_cli_faults(out: Path, env: dict[str, str]) -> list[tuple[str, int | None
             continue
         command = [
             sys.executable, "-c", _CTXTRACE, "run",
-            # A command ends before any scrape: its anomalies come from its log lines.
-            "--set=metrics=none", "--set=log_rate_window=off",
+            # A command ends before any scrape: its anomalies come from its log lines
+            # (what the rate limit held back is written out as the command exits).
+            "--set=metrics=none",
             "--", sys.executable, "-m", "ctxtrace.example", scenario.trigger,
         ]
         with open(out / f"{scenario.trigger}.log", "wb") as log:
@@ -469,9 +470,9 @@ def run(args: argparse.Namespace) -> int:
     saved: list[Path] = []
     try:
         print("  starting the example shop with ctxtrace on ...", file=err)
-        server = start_server(
-            out, args.workers, server=args.server, options={"log_rate_window": "off"}
-        )
+        # ctxtrace's own defaults, rate-limited logs included: each worker writes out
+        # what the rate limit held back when it exits, so the log's counts are whole.
+        server = start_server(out, args.workers, server=args.server)
         shape = (
             f"gunicorn, {len(server.pids)} gthread workers"
             if server.kind == "gunicorn" else "werkzeug, a pool of threads"

@@ -229,8 +229,9 @@ def start_server(
     (the workers' file_sd target files). ``server="auto"`` is gunicorn with ``workers``
     gthread workers of ``threads`` threads when gunicorn is importable, else one threaded
     werkzeug process. ``options`` are further ctxtrace options (``{"log_rate_window":
-    "off"}``). Raises ``RuntimeError`` (with the end of the server's output) if it does not
-    come up within ``timeout`` seconds; nothing is left running then.
+    "10"}``); none by default: ctxtrace's own defaults. Raises ``RuntimeError`` (with the
+    end of the server's output) if it does not come up within ``timeout`` seconds; nothing
+    is left running then.
     """
     out = Path(out_dir)
     auto: ServerKind = "gunicorn" if gunicorn_available() else "werkzeug"

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from ctxtrace.commands.report import model as report_model
+from ctxtrace.commands.report import sources as report_sources
 from ctxtrace.example import SCENARIOS
 from ctxtrace.telemetry.pids import alive
 
@@ -125,6 +127,24 @@ def test_demo_writes_log_metrics_and_report(demo: tuple[Path, str]) -> None:
     assert (out / "report.png").read_bytes().startswith(b"\x89PNG")
     # Every process stopped and removed its file_sd target file.
     assert list((out / "targets").glob("*.json")) == []
+
+
+def test_demo_logs_and_metrics_count_the_same(demo: tuple[Path, str]) -> None:
+    """The demo runs on the default rate limit, and still each worker's log counts every
+    anomaly its metrics counted: held-back lines are summed, the last window written at exit."""
+    out, _printed = demo
+    lines = [json.loads(line) for line in (out / "ctxtrace.jsonl").read_text().splitlines()]
+    assert any(line.get("suppressed_since_last") for line in lines), "no line was rate-limited"
+    report = report_model.Report()
+    for snapshot in sorted((out / "metrics").glob("*.prom")):
+        report_sources.add_samples(report, report_sources.samples_from_text(snapshot.read_text()))
+    report_sources.add_log_file(report, out / "ctxtrace.jsonl")
+    compared = 0
+    for worker, stats in report.workers.items():
+        if stats.has_metrics:
+            assert stats.log_anomalies == stats.metric_anomalies, worker
+            compared += sum(stats.metric_anomalies.values())
+    assert compared > 30
 
 
 def test_report_commands_on_the_demo_log(demo: tuple[Path, str]) -> None:
