@@ -10,6 +10,7 @@ import pytest
 from flask import Flask, current_app, g
 
 import ctxtrace
+from ctxtrace import _agent
 from ctxtrace.integrations.executors import unit_name
 
 from .._support import line_of
@@ -88,6 +89,26 @@ class TestLeaks:
         finally:
             pool.shutdown()
         assert recorder.events == []
+
+
+    def test_async_views_run_through_asgiref_pools_silently(
+        self, app: Flask, instrumented: Any
+    ) -> None:
+        """asgiref runs an async view's loop on a pool thread: nothing reported, and no unit
+        of that pool sticks to the calling thread."""
+        pytest.importorskip("asgiref")
+        recorder = instrumented()
+
+        @app.route("/async", endpoint="slow")
+        async def slow() -> str:
+            return str(current_app.name)
+
+        client = app.test_client()
+        for _ in range(3):
+            assert client.get("/async").get_data(as_text=True) == "shop"
+        assert recorder.events == []
+        agent = _agent.current()
+        assert agent is not None and agent.current_unit() is None
 
 
 class TestStartedBy:
