@@ -374,7 +374,10 @@ class LogEmitter:
         if summary:
             suppressed: int | None = summary
         else:
-            suppressed = self._limiter.admit(("out_of_context_access", site), event)
+            # Per outcome: an escaped access (a warning) is never held back under a
+            # handled one's line (info), and each summary's count is of one outcome.
+            key = (f"out_of_context_access:{event.outcome}", site)
+            suppressed = self._limiter.admit(key, event)
             if suppressed is None:
                 return
         fields = self._common(event)

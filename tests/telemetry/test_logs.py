@@ -112,6 +112,40 @@ def test_a_handled_access_is_an_info_line(capsys: pytest.CaptureFixture[str]) ->
     assert (line["level"], line["outcome"], line["unit"]) == ("info", "handled", "task:nightly")
 
 
+def test_handled_and_escaped_accesses_are_rate_limited_apart(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Caught accesses at a site do not hold back an escaped one there; each outcome's
+    summary counts its own."""
+    assert ctxtrace.instrument(metrics="none")
+    agent = _agent.current()
+    assert agent is not None
+
+    def access(escape: bool) -> None:
+        handle = agent.begin_unit("task", "nightly")
+        try:
+            current_app.config  # noqa: B018 - site: the same line every time
+        except RuntimeError as exc:
+            if escape:
+                agent.escaped(exc)
+        agent.end_unit(handle)
+
+    for escape in (False, False, False, True, True, False):
+        access(escape)
+    ctxtrace.uninstrument()
+    lines = [x for x in _json_lines(capsys.readouterr().err) if x["event"].startswith("ctxtrace.")]
+    assert len({line["site"] for line in lines}) == 1
+    assert sorted(
+        (x["outcome"], x["level"], x.get("suppressed_since_last", 0), x.get("summary", False))
+        for x in lines
+    ) == [
+        ("escaped", "warning", 0, False),
+        ("escaped", "warning", 1, True),
+        ("handled", "info", 0, False),
+        ("handled", "info", 3, True),
+    ]
+
+
 def test_rate_limit_first_then_summary() -> None:
     """The first line of a site passes, repeats are dropped and counted in the next line."""
     now = [0.0]
@@ -192,6 +226,9 @@ def test_a_forked_child_does_not_write_out_its_parents_window(
     for _ in range(5):
         with pytest.raises(RuntimeError):
             current_app.name  # noqa: B018
+    parent = _agent.current()
+    assert parent is not None
+    parent.ledger.settle_now()  # told in the parent (caught, so handled), before the fork
     pid = os.fork()
     if pid == 0:  # the child: exits without atexit, after writing what it held back
         code = 0
@@ -200,6 +237,7 @@ def test_a_forked_child_does_not_write_out_its_parents_window(
             assert agent is not None
             with contextlib.suppress(RuntimeError):
                 current_app.name  # noqa: B018
+            agent.ledger.settle_now()  # a caught access is told once its outcome is known
             agent.logs.flush()
         except BaseException:
             code = 1
