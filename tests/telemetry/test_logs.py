@@ -295,3 +295,32 @@ def test_no_request_data_in_logs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ctxtrace.wrong_pop" in err
     assert "ctxtrace.out_of_context_access" in err
     assert marker not in err
+
+
+def test_a_forked_child_does_not_tell_its_parents_pending_accesses(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """An access outside any unit waits for its outcome; a child forked meanwhile (a
+    preloading gunicorn master's worker) leaves it to the parent, which tells it once."""
+    assert ctxtrace.instrument(metrics="none")
+    with contextlib.suppress(RuntimeError):
+        current_app.name  # noqa: B018 - caught, outside any unit: told later
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            agent = _agent.current()
+            assert agent is not None
+            agent.ledger.settle_now()
+            agent.logs.flush()
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    ctxtrace.uninstrument()
+    lines = [x for x in _json_lines(capfd.readouterr().err) if x["event"].startswith("ctxtrace.")]
+    assert [(x["pid"], x["event"], x["outcome"]) for x in lines] == [
+        (os.getpid(), "ctxtrace.out_of_context_access", "handled")
+    ]
