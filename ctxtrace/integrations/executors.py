@@ -77,7 +77,9 @@ def unit_name(fn: Callable[..., Any]) -> str:
         if isinstance(fn, functools.partial):
             fn = fn.func
             continue
-        wrapped = getattr(fn, "__wrapped__", None)
+        # Looked up on a bound method's function: through the method it is a failed
+        # lookup that raises inside getattr, the costliest step here.
+        wrapped = getattr(getattr(fn, "__func__", fn), "__wrapped__", None)
         if wrapped is None or not callable(wrapped):
             break
         fn = wrapped
