@@ -40,8 +40,8 @@ KIND: Final = "executor"
 
 
 def install(host: Host) -> Callable[[], None]:
-    # Hooked when something imports the module (Flask, gunicorn and the SDK's
-    # exporters may never need it): ctxtrace does not import it itself.
+    # Hooked when the application (or gunicorn's gthread worker) imports the
+    # module: ctxtrace does not import it itself.
     return on_import(
         "concurrent.futures.thread",
         lambda module: _patch(host, module),
@@ -111,15 +111,15 @@ class _WorkItemUnit:
         fn = self.fn
         if not host.running:
             return fn(*args, **kwargs)
+        # Whoever started the pool thread, this task was handed over by the
+        # submitting unit; the thread's own starter is back when it returns.
+        before = units.started_by.get()
         try:
-            # Whoever started the pool thread, this task was handed over by the
-            # submitting unit; the thread's own starter is back when it returns.
-            before = units.started_by.get()
             handle = host.begin_unit(KIND, unit_name(fn), defer_stale=True)
-            units.started_by.enter(self.parent)
         except Exception as exc:
             host.errors.record("executors", exc)
             return fn(*args, **kwargs)
+        units.started_by.enter(self.parent)
         try:
             return fn(*args, **kwargs)
         finally:
