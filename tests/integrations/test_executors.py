@@ -164,6 +164,26 @@ class TestPatch:
             with pytest.raises(ZeroDivisionError):
                 future.result(10)
 
+    def test_fail_open_when_the_task_cannot_be_named(self, instrumented: Any) -> None:
+        """A callable whose attributes raise still runs, once, outside a unit; counted."""
+        instrumented()
+
+        class Hostile:
+            calls = 0
+
+            def __getattr__(self, name: str) -> Any:
+                raise RuntimeError(f"no {name}")
+
+            def __call__(self) -> str:
+                type(self).calls += 1
+                return "ran"
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            assert pool.submit(Hostile()).result(10) == "ran"
+        assert Hostile.calls == 1
+        agent = _agent.current()
+        assert agent is not None and agent.errors.counts() == {"executors": 1}
+
     @pytest.mark.usefixtures("no_agent")
     def test_uninstrument_restores_submit(self) -> None:
         """ThreadPoolExecutor.submit is the identical function again after uninstrument."""
