@@ -45,7 +45,7 @@ from ctxtrace import _agent
 from ctxtrace._agent import Agent
 from ctxtrace._events import ANOMALIES, Anomaly, ContextInfo, Event, OutOfContextAccess, Site
 from ctxtrace._host import UnitHandle
-from ctxtrace.core.records import entry_info
+from ctxtrace.core.records import UNIT, entry_info
 
 MARKER: Final = "ctxtrace_allow"
 ACCESS: Final = "out_of_context_access"
@@ -255,6 +255,20 @@ class _Guard:
             )
             if kept:
                 self.owned_by[fixturedef] = kept
+                self._disown(kept)
+
+    def _disown(self, kept: tuple[object, ...]) -> None:
+        """A wider fixture set up inside a test (``request.getfixturevalue``) pushed these:
+        they are not the test's unit's, so the ledger must neither call them the test's
+        leak when it ends nor stale in the next test."""
+        run = self.run
+        if run is None or run.handle is None or run.handle.unit is None:
+            return
+        unit = run.handle.unit
+        for ctx in kept:
+            entry = run.agent.ledger.records.get(id(ctx))
+            if entry is not None and entry[UNIT] is unit:
+                entry[UNIT] = None
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_fixture_post_finalizer(self, fixturedef: pytest.FixtureDef[Any]) -> None:

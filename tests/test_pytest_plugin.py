@@ -322,6 +322,39 @@ def test_contexts_of_live_wider_fixtures_are_never_popped(pytester: pytest.Pytes
     result.stderr.no_fnmatch_line("*ctxtrace.*")
 
 
+def test_a_wider_fixture_set_up_inside_a_test_is_not_the_tests(pytester: pytest.Pytester) -> None:
+    """A module fixture first asked for by a function fixture (``getfixturevalue``) is set up
+    inside the test: its context is still the fixture's, neither leaked nor stale."""
+    pytester.makepyfile(
+        test_lazy="""
+        import pytest
+        from flask import Flask, current_app
+
+        app = Flask("lazy")
+
+        @pytest.fixture(scope="module")
+        def module_ctx():
+            ctx = app.app_context()
+            ctx.push()
+            yield ctx
+            ctx.pop()
+
+        @pytest.fixture
+        def uses_it(request):
+            return request.getfixturevalue("module_ctx")
+
+        def test_first(uses_it):
+            assert current_app.name == "lazy"
+
+        def test_second(module_ctx):
+            assert current_app.name == "lazy"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--ctxtrace")
+    result.assert_outcomes(passed=2)
+    result.stderr.no_fnmatch_line("*ctxtrace.*")
+
+
 def test_unittest_class_and_module_contexts_are_never_popped(pytester: pytest.Pytester) -> None:
     """unittest's setUpModule and setUpClass own their contexts until their tear-downs."""
     pytester.makepyfile(
