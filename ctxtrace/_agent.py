@@ -318,6 +318,10 @@ class Agent:
             self.ledger.sweep()
         except Exception as exc:
             self.errors.record("watchdog", exc)
+        try:
+            self.logs.tick()
+        except Exception as exc:
+            self.errors.record("logs", exc)
 
     def at_exit(self, timeout_s: float = 2.0) -> None:
         """The process ends: what is still pushed is leaked; flush within ``timeout_s``."""

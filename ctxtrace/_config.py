@@ -251,7 +251,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     ),
     Option(
         "sweep_interval", _interval, 1.0, f"seconds >= {MIN_INTERVAL_S}",
-        "How often the watchdog looks for long-lived contexts and dead threads.",
+        "How often the watchdog looks for long-lived contexts, dead threads and due log summaries.",
     ),
     Option(
         "log_lifecycle", _bool, False, "true or false",

@@ -214,8 +214,9 @@ class RateLimiter:
     """First occurrence of a key always passes; then one summary per window.
 
     What a window held back is counted per key, with the last event held back,
-    so that ``drain`` can write it out when the process ends (a window nothing
-    followed would otherwise be lost, and logs would undercount).
+    so that it can be written out when the window has passed (``drain_due``) or
+    the process ends (``drain``): a window nothing followed would otherwise be
+    lost, and logs would undercount.
     """
 
     def __init__(self, window_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -265,6 +266,21 @@ class RateLimiter:
         with self._lock:
             taken = [*self._held, *self._take()]
             self._held.clear()
+        return taken
+
+    def drain_due(self) -> list[Held]:
+        """Like ``drain``, for the keys whose window has passed with nothing after it:
+        their summary is due now, not at the next occurrence (which may never come).
+        A new window starts for each of them."""
+        if self.window is None:
+            return []
+        now = self._clock()
+        taken: list[Held] = []
+        with self._lock:
+            for key, state in self._seen.items():
+                if state[1] and now - state[0] >= self.window:
+                    taken.append((key, int(state[1]), state[2]))
+                    state[0], state[1], state[2] = now, 0, None
         return taken
 
 
@@ -317,7 +333,15 @@ class LogEmitter:
         back, with ``suppressed_since_last`` (how many occurrences it stands for)
         and ``summary: true`` (it is not an occurrence of its own).
         """
-        for _key, count, event in self._limiter.drain():
+        self._summaries(self._limiter.drain())
+
+    def tick(self) -> None:
+        """Write the summaries that are due (the watchdog calls this): a window that
+        passed with no occurrence after it is summed up within a sweep, not at exit."""
+        self._summaries(self._limiter.drain_due())
+
+    def _summaries(self, held: list[Held]) -> None:
+        for _key, count, event in held:
             if isinstance(event, Anomaly):
                 self._anomaly(event, summary=count)
             elif isinstance(event, OutOfContextAccess):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -190,6 +191,46 @@ def test_limiter_drains_what_each_window_held_back() -> None:
     assert limiter.admit(key, "fourth") is None
     now[0] = 11.0
     assert limiter.admit(key, "fifth") == 1  # the drained two are not counted again
+
+
+def test_limiter_drains_only_the_windows_that_have_passed() -> None:
+    """drain_due() sums up a window once it has passed, and starts a new one."""
+    now = [0.0]
+    limiter = RateLimiter(10.0, clock=lambda: now[0])
+    old, recent = ("leaked", "a.py:1"), ("leaked", "b.py:2")
+    limiter.admit(old, "o1")
+    limiter.admit(old, "o2")
+    now[0] = 5.0
+    limiter.admit(recent, "r1")
+    limiter.admit(recent, "r2")
+    now[0] = 10.0
+    assert limiter.drain_due() == [(old, 1, "o2")]
+    assert limiter.drain_due() == []
+    assert limiter.admit(old, "o3") is None  # inside the window that began at 10
+    now[0] = 15.0
+    assert limiter.drain_due() == [(recent, 1, "r2")]
+    assert limiter.drain() == [(old, 1, "o3")]
+
+
+def test_the_watchdog_writes_a_passed_windows_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    """A window that passed with nothing after it is summed up at the next sweep."""
+    assert ctxtrace.instrument(metrics="none", log_rate_window=0.05, sweep_interval=3600)
+    agent = _agent.current()
+    assert agent is not None
+    for _ in range(4):
+        handle = agent.begin_unit("task", "nightly")
+        with contextlib.suppress(RuntimeError):
+            current_app.name  # noqa: B018
+        agent.end_unit(handle)  # tells the access (caught: handled)
+    time.sleep(0.1)  # the window passes with nothing after it
+    agent.sweep()
+    lines = [x for x in _json_lines(capsys.readouterr().err) if x["event"].startswith("ctxtrace.")]
+    assert [(x.get("suppressed_since_last"), x.get("summary")) for x in lines] == [
+        (None, None),
+        (3, True),
+    ]
+    ctxtrace.uninstrument()
+    assert [x for x in _json_lines(capsys.readouterr().err) if "summary" in x] == []
 
 
 def test_the_last_window_is_written_out_when_the_process_exits(tmp_path: Any) -> None:

@@ -220,7 +220,7 @@ def _add_entry(report: Report, entry: dict[str, Any]) -> bool:
             kind.durations.append(float(entry["duration_s"]))
         return True
     # A line is one occurrence plus those the rate limit held back since the site's last
-    # line; a summary line (written when the process ends) only stands for those.
+    # line; a summary line (a window that passed, or the last one at exit) only for those.
     held_back = int(entry.get("suppressed_since_last") or 0)
     count = held_back if entry.get("summary") is True else 1 + held_back
     stats.log_anomalies[anomaly] += count
