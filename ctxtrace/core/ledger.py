@@ -507,15 +507,16 @@ class Ledger:
         if self._lifecycle:
             self._emit(ContextPopped(entry_info(entry), duration, entry[CARRY]))
 
-    def _forget(self, entry: Entry) -> None:
+    def _forget(self, entry: Entry) -> bool:
+        """Drop ``entry`` from the live contexts; whether it was still there."""
         ctx = entry[REF]()
         if ctx is not None and self._live.get(id(ctx)) is entry:
             del self._live[id(ctx)]
-            return
+            return True
         for key, value in list(self._live.items()):
             if value is entry:
-                self._live.pop(key, None)
-                return
+                return self._live.pop(key, None) is entry
+        return False
 
     # -- the contexts Flask pushes to dispatch a request ---------------------
 
@@ -891,7 +892,11 @@ class Ledger:
         for entry in list(self._live.values()):
             collected = entry[REF]() is None
             if collected or not entry[THREAD].alive():
-                self._forget(entry)
+                if not self._forget(entry):
+                    # Popped since this walk began (the sweep runs beside the threads
+                    # and greenlets it watches, and its own reports may let them run):
+                    # finished, not leaked.
+                    continue
                 if self._imported(entry):
                     self._report_imported(entry, None)
                     continue

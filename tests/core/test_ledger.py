@@ -19,7 +19,7 @@ from ctxtrace import _agent
 from ctxtrace.core.counters import read_count
 from ctxtrace.core.flaskshape import detect
 
-from .._support import clear_flask_stacks
+from .._support import Recorder, clear_flask_stacks
 
 
 def _agent_now() -> _agent.Agent:
@@ -280,3 +280,31 @@ def test_module_whose_import_failed_leaked_its_push(
         importlib.import_module(name)
     agent.end_unit(handle)
     assert [(a.name, a.reason) for a in recorder.anomalies()] == [("leaked", "unit_end")]
+
+
+@pytest.mark.leaks_on_purpose
+def test_a_context_popped_while_the_sweep_reports_is_not_leaked(
+    instrumented: Any, app: Flask
+) -> None:
+    """The sweep walks a snapshot and its reports may let other threads (greenlets) run:
+    a context popped and freed meanwhile is finished, not ``leaked`` (``collected``)."""
+    recorder = instrumented()
+    # Pushed in a Context that is then dropped: freed while pushed, found by the sweep.
+    contextvars.Context().run(app.app_context().push)
+    gc.collect()
+    held = [app.app_context()]
+    held[0].push()
+
+    class PopsDuringTheReport(Recorder):
+        def handle(self, event: Any) -> None:
+            super().handle(event)
+            if held:
+                held.pop().pop()
+                gc.collect()
+
+    agent = _agent.current()
+    assert agent is not None
+    popper = PopsDuringTheReport()
+    agent.subscribe(popper)
+    agent.sweep()
+    assert [(a.name, a.reason) for a in recorder.anomalies()] == [("leaked", "collected")]
