@@ -360,7 +360,7 @@ def test_report_from_a_prometheus_server(tmp_path: Path) -> None:
                 gunicorn = [w for w in seen.workers if w.endswith(":gunicorn")]
                 return bool(found) and float(found[0]["value"][1]) == 3 and len(gunicorn) == 2
 
-            wait_until(scraped, timeout=30, interval=0.5, what="Prometheus to scrape the workers")
+            wait_until(scraped, timeout=60, interval=0.5, what="Prometheus to scrape the workers")
             out = tmp_path / "report.html"
             assert main(["report", "--prometheus", base, "--since", "5m", "--out", str(out)]) == 0
             page = out.read_text()
