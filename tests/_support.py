@@ -2,44 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from flask import Flask, abort
 from flask import globals as flask_globals
 
 from ctxtrace import _agent
-from ctxtrace._events import Anomaly, Event, OutOfContextAccess
+from ctxtrace.pytest_plugin import EventLog
 
 
-@dataclass
-class Recorder:
-    """An emitter that keeps every event, for assertions."""
+class Recorder(EventLog):
+    """An emitter that keeps every event, for assertions: the pytest plugin's event log,
+    telling pending accesses through whichever agent runs when a test asks."""
 
-    events: list[Event] = field(default_factory=list)
-    name: str = "recorder"
+    name = "recorder"  # type: ignore[misc]
 
-    def handle(self, event: Event) -> None:
-        self.events.append(event)
-
-    def anomalies(self, name: str | None = None) -> list[Anomaly]:
-        return [
-            e for e in self.events if isinstance(e, Anomaly) and (name is None or e.name == name)
-        ]
+    def __init__(self) -> None:
+        super().__init__()
+        self.settle = _settle_running
 
     def names(self) -> list[str]:
         return [e.name for e in self.anomalies()]
 
-    def accesses(self) -> list[OutOfContextAccess]:
-        """Out-of-context accesses, told first as the test code has caught them so far
-        (an access is told when its outcome is known: see ``Ledger.access``)."""
-        agent = _agent.current()
-        if agent is not None:
-            agent.ledger.settle_now()
-        return [e for e in self.events if isinstance(e, OutOfContextAccess)]
 
-    def clear(self) -> None:
-        self.events.clear()
+def _settle_running() -> None:
+    agent = _agent.current()
+    if agent is not None:
+        agent.ledger.settle_now()
 
 
 def clear_flask_stacks() -> None:

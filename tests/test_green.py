@@ -36,26 +36,26 @@ def fork_probe(mode: str) -> tuple[dict[str, Any], str]:
     return result["child"], done.stderr
 
 
-def test_patched_child_gets_greenlet_state_and_threads() -> None:
-    """Patched after the fork (gunicorn's gevent worker): ctxtrace's threads start only
-    then, as greenlets, over gevent's per-greenlet state; none dies with a traceback."""
-    child, stderr = fork_probe("patch")
+@pytest.mark.parametrize(
+    ("mode", "started", "green", "watchdog"),
+    [
+        # Patched after the fork (gunicorn's gevent worker): ctxtrace's threads start only
+        # then, as greenlets, over gevent's per-greenlet state.
+        ("patch", "after_patch", True, "green_watchdog"),
+        # gevent imported but never patching (a threaded server): the first push starts
+        # the threads, real ones, over real per-thread state.
+        ("never", "after_push", False, "watchdog_alive"),
+    ],
+)
+def test_a_forked_child_starts_its_threads_once_it_knows_what_they_are(
+    mode: str, started: str, green: bool, watchdog: str
+) -> None:
+    """Nothing starts before gevent patched or the first push; none dies with a traceback."""
+    child, stderr = fork_probe(mode)
     assert child["before"] == []
-    assert child["after_patch"] == ["ctxtrace-metrics", "ctxtrace-watchdog"]
-    assert child["green_local"] is True
-    assert child["green_watchdog"] is True
-    assert child["internal_errors"] == {}
-    assert "Traceback" not in stderr
-
-
-def test_child_never_patched_starts_at_its_first_push() -> None:
-    """gevent imported but never patching (a threaded server): the first push starts the
-    threads, real ones, over real per-thread state."""
-    child, stderr = fork_probe("never")
-    assert child["before"] == []
-    assert child["after_push"] == ["ctxtrace-metrics", "ctxtrace-watchdog"]
-    assert child["green_local"] is False
-    assert child["watchdog_alive"] is True
+    assert child[started] == ["ctxtrace-metrics", "ctxtrace-watchdog"]
+    assert child["green_local"] is green
+    assert child[watchdog] is True
     assert child["internal_errors"] == {}
     assert "Traceback" not in stderr
 

@@ -258,6 +258,29 @@ def test_the_last_window_is_written_out_when_the_process_exits(tmp_path: Any) ->
     ]
 
 
+def _in_a_forked_child(*, access: bool) -> int:
+    """Fork; the child (an access of its own first, if asked) tells what waits, writes
+    its log lines and exits without atexit, as a forked worker that is killed would."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            agent = _agent.current()
+            assert agent is not None
+            if access:
+                with contextlib.suppress(RuntimeError):
+                    current_app.name  # noqa: B018
+            agent.ledger.settle_now()  # a caught access is told once its outcome is known
+            agent.logs.flush()
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return pid
+
+
 def test_a_forked_child_does_not_write_out_its_parents_window(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
@@ -270,22 +293,7 @@ def test_a_forked_child_does_not_write_out_its_parents_window(
     parent = _agent.current()
     assert parent is not None
     parent.ledger.settle_now()  # told in the parent (caught, so handled), before the fork
-    pid = os.fork()
-    if pid == 0:  # the child: exits without atexit, after writing what it held back
-        code = 0
-        try:
-            agent = _agent.current()
-            assert agent is not None
-            with contextlib.suppress(RuntimeError):
-                current_app.name  # noqa: B018
-            agent.ledger.settle_now()  # a caught access is told once its outcome is known
-            agent.logs.flush()
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    pid = _in_a_forked_child(access=True)
     ctxtrace.uninstrument()
     lines = [x for x in _json_lines(capfd.readouterr().err) if x["event"].startswith("ctxtrace.")]
     counts = sorted((x["pid"], x.get("suppressed_since_last", 0)) for x in lines)
@@ -346,20 +354,7 @@ def test_a_forked_child_does_not_tell_its_parents_pending_accesses(
     assert ctxtrace.instrument(metrics="none")
     with contextlib.suppress(RuntimeError):
         current_app.name  # noqa: B018 - caught, outside any unit: told later
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            agent = _agent.current()
-            assert agent is not None
-            agent.ledger.settle_now()
-            agent.logs.flush()
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    _in_a_forked_child(access=False)
     ctxtrace.uninstrument()
     lines = [x for x in _json_lines(capfd.readouterr().err) if x["event"].startswith("ctxtrace.")]
     assert [(x["pid"], x["event"], x["outcome"]) for x in lines] == [
