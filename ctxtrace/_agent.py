@@ -188,13 +188,7 @@ class Agent:
 
     def renamed(self) -> None:
         """``worker`` changed (the process's role became known): emitters that publish it follow."""
-        for emitter in self._with_telemetry():
-            hook = getattr(emitter, "renamed", None)
-            if hook is not None:
-                try:
-                    hook()
-                except Exception as exc:
-                    self.errors.record(emitter.name, exc)
+        self._each(self._with_telemetry(), "renamed")
 
     def _dispatch(self, event: Event) -> None:
         if self.stopped:
@@ -275,7 +269,7 @@ class Agent:
         if self._watchdog is not None and self._watchdog is not threading.current_thread():
             self._watchdog.join(timeout_s)
         # One budget for all of them: each emitter bounds its own stop by what is left.
-        self._each_within(self._with_telemetry(), "stop", deadline)
+        self._each(self._with_telemetry(), "stop", deadline)
 
     def _with_telemetry(self) -> list[Any]:
         """The emitters, plus the telemetry ones if a caller replaced the list: they own
@@ -288,16 +282,19 @@ class Agent:
         For processes that end without atexit handlers (an RQ work-horse, a
         Celery pool process): integrations call it when such a unit ends.
         """
-        self._each_within(self.emitters, "flush", time.monotonic() + timeout_s)
+        self._each(self.emitters, "flush", time.monotonic() + timeout_s)
 
-    def _each_within(self, emitters: list[Any], method: str, deadline: float) -> None:
-        """``method(seconds left)`` on each emitter that has it; one that raises is
-        counted and the others still run."""
+    def _each(self, emitters: list[Any], method: str, deadline: float | None = None) -> None:
+        """``method()`` on each emitter that has it, or ``method(seconds left)`` with a
+        ``deadline``; one that raises is counted and the others still run."""
         for emitter in emitters:
             call = getattr(emitter, method, None)
             if call is not None:
                 try:
-                    call(max(0.0, deadline - time.monotonic()))
+                    if deadline is None:
+                        call()
+                    else:
+                        call(max(0.0, deadline - time.monotonic()))
                 except Exception as exc:
                     self.errors.record(emitter.name, exc)
 
@@ -364,13 +361,7 @@ class Agent:
             self.ledger.rebind_threads()
         except Exception as exc:
             self.errors.record("ledger", exc)
-        for emitter in self._with_telemetry():
-            hook = getattr(emitter, "after_fork", None)
-            if hook is not None:
-                try:
-                    hook()
-                except Exception as exc:
-                    self.errors.record(emitter.name, exc)
+        self._each(self._with_telemetry(), "after_fork")
         self._start_watchdog()
 
 

@@ -75,43 +75,48 @@ def test_idle_and_slow_clients_cost_no_threads_and_scrapes_still_answer(endpoint
     assert "scrapes_seen_total 1.0" in _scrape(endpoint.port)
 
 
+@pytest.fixture
+def short_timeout_client(endpoint: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A client connected to the endpoint, whose read timeout is cut to half a second."""
+    monkeypatch.setattr(_prometheus, "READ_TIMEOUT_S", 0.5)
+    with socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) as client:
+        yield client
+
+
 def test_an_idle_connection_is_closed_after_the_read_timeout(
-    endpoint: Any, monkeypatch: pytest.MonkeyPatch
+    short_timeout_client: socket.socket,
 ) -> None:
     """A client that connects and says nothing is disconnected once its time is up."""
-    monkeypatch.setattr(_prometheus, "READ_TIMEOUT_S", 0.5)
-    with socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) as idle:
-        started = time.monotonic()
-        assert idle.recv(1) == b""  # closed by the server, not by our timeout
-        assert time.monotonic() - started < 3
+    started = time.monotonic()
+    assert short_timeout_client.recv(1) == b""  # closed by the server, not by our timeout
+    assert time.monotonic() - started < 3
 
 
 def test_a_trickling_client_is_not_kept_alive_by_its_bytes(
-    endpoint: Any, monkeypatch: pytest.MonkeyPatch
+    short_timeout_client: socket.socket,
 ) -> None:
     """The read timeout covers the whole request: sending a byte now and then does not extend it."""
-    monkeypatch.setattr(_prometheus, "READ_TIMEOUT_S", 0.6)
-    with socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) as slow:
-        started = time.monotonic()
-        closed = False
-        for _ in range(40):  # at most 4 s
-            try:
-                slow.send(b"G")
-            except OSError:
-                closed = True
-                break
-            time.sleep(0.1)
-            slow.setblocking(False)
-            try:
-                closed = slow.recv(1) == b""
-            except BlockingIOError:
-                pass
-            except OSError:
-                closed = True
-            slow.setblocking(True)
-            if closed:
-                break
-        assert closed and time.monotonic() - started < 2.5
+    slow = short_timeout_client
+    started = time.monotonic()
+    closed = False
+    for _ in range(40):  # at most 4 s
+        try:
+            slow.send(b"G")
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.1)
+        slow.setblocking(False)
+        try:
+            closed = slow.recv(1) == b""
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed = True
+        slow.setblocking(True)
+        if closed:
+            break
+    assert closed and time.monotonic() - started < 2.5
 
 
 def test_requests_answer_as_before(endpoint: Any) -> None:
