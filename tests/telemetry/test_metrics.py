@@ -222,6 +222,13 @@ def test_exact_under_eight_threads(
     assert value(points, "ctxtrace.dropped", what="duration") == 0
 
 
+def _pairs(app: Flask, count: int) -> None:
+    """``count`` healthy app-context pushes and pops."""
+    for _ in range(count):
+        with app.app_context():
+            pass
+
+
 class TestDurationFeed:
     def test_drained_in_the_background(
         self, instrumented: Any, reader: InMemoryMetricReader, app: Flask
@@ -229,9 +236,7 @@ class TestDurationFeed:
         """The drain thread records lifetimes without waiting for a collection."""
         instrumented()
         emitter = metrics_emitter()
-        for _ in range(5):
-            with app.app_context():
-                pass
+        _pairs(app, 5)
         emitter.tick()
         assert emitter.feed.drain() == 0  # nothing left: the tick recorded all five
 
@@ -250,9 +255,7 @@ class TestDurationFeed:
         instrumented()
         emitter = metrics_emitter()
         emitter.feed._tokens = 0.0
-        for _ in range(40):
-            with app.app_context():
-                pass
+        _pairs(app, 40)
         emitter.tick()
         # The clock is read every 32 records: 32 recorded, then the budget is found spent.
         assert emitter.feed.over_budget == 8
@@ -267,14 +270,10 @@ class TestDurationFeed:
         """Pops whose lifetime never reached the drain count as dropped durations."""
         instrumented()
         emitter = metrics_emitter()
-        for _ in range(10):
-            with app.app_context():
-                pass
+        _pairs(app, 10)
         emitter.tick()
         # The ledger's buffer lost 3 of the next 5 (as a full buffer would).
-        for _ in range(5):
-            with app.app_context():
-                pass
+        _pairs(app, 5)
         agent = _agent.current()
         assert agent is not None
         drained = agent.ledger.drain_durations()
@@ -318,9 +317,7 @@ def test_same_provider_across_restarts(
     ctxtrace.uninstrument()
     assert "ctxtrace.contexts" not in collect(reader) or not collect(reader)["ctxtrace.contexts"]
     instrumented()
-    for _ in range(2):
-        with app.app_context():
-            pass
+    _pairs(app, 2)
     assert value(collect(reader), "ctxtrace.contexts", kind="app", app="shop") == 2
 
 
@@ -329,9 +326,7 @@ def test_after_fork_counts_from_zero(
 ) -> None:
     """A forked child has its own worker label and counts only its own contexts."""
     instrumented()
-    for _ in range(3):
-        with app.app_context():
-            pass
+    _pairs(app, 3)
     parent_worker = worker()
     read_end, write_end = os.pipe()
     pid = os.fork()
