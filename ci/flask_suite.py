@@ -18,6 +18,12 @@ its wrong-order pop must be a ``wrong_pop`` and its thread leak a ``leaked``.
 Flask's own tests that call a proxy with no context must show up as
 ``out_of_context_access``.
 
+A third run turns on ctxtrace's own pytest plugin (``--ctxtrace``), as a user
+would: it fails a test that leaks a context or lets an out-of-context access
+escape. A third-party suite passes its proxy checks inside ``pytest.raises``,
+so the only test id allowed another outcome there is the canary's thread leak,
+and it must get one (the plugin's positive control).
+
 ``--flask-git DIR`` also runs the suite of Flask's next release, exported from a
 local bare clone of pallets/flask (it is on no package index), in an environment
 of its own with that Flask. pip's cache makes later runs quick; ``--keep``
@@ -51,6 +57,8 @@ CI = Path(__file__).resolve().parent
 DOC = REPO / "docs" / "compatibility.md"
 BEGIN, END = "<!-- suites:begin -->", "<!-- suites:end -->"
 CANARY = "test_ctxtrace_canary.py"
+#: The one test id the pytest plugin must fail (and the only one it may).
+CANARY_LEAK_TEST = "test_ctxtrace_canary_thread_leak"
 #: Per pytest run; Flask's suite takes about 3 s here, Flask-SQLAlchemy's about 5 s.
 RUN_TIMEOUT_S = 300
 #: The suite's tests must not find ctxtrace's own pytest plugin (it is inert, but
@@ -224,6 +232,7 @@ class Result:
     suite: Suite
     bare: Run
     instrumented: Run
+    plugin: Run
     events: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -289,7 +298,12 @@ def run_suite(python: Path, suite: Suite, source: Path, work: Path) -> Result:
         python, source, work, "instrumented", ("-p", "ctxtrace_under_test"),
         suite_env(PYTHONPATH=str(CI), UNDER_TEST_CTXTRACE_EVENTS=str(events_file)),
     )
-    result = Result(suite, bare, instrumented)
+    # The plugin's entry point is blocked by PYTEST_ARGS; ``-p`` loads it by module.
+    plugin = run_pytest(
+        python, source, work, "plugin", ("-p", "ctxtrace.pytest_plugin", "--ctxtrace"),
+        suite_env(),
+    )
+    result = Result(suite, bare, instrumented, plugin)
     if events_file.exists():
         for line in events_file.read_text().splitlines():
             record = json.loads(line)
@@ -307,7 +321,7 @@ def run_suite(python: Path, suite: Suite, source: Path, work: Path) -> Result:
 def judge(result: Result) -> None:
     problems = result.problems
     bare, inst = result.bare, result.instrumented
-    for label, one in (("bare", bare), ("instrumented", inst)):
+    for label, one in (("bare", bare), ("instrumented", inst), ("plugin", result.plugin)):
         # 0: all passed, 1: some failed; anything else is a broken run.
         if one.exit_code not in (0, 1):
             problems.append(f"{label} run exited {one.exit_code}: {one.tail}")
@@ -317,6 +331,7 @@ def judge(result: Result) -> None:
         before, after = bare.outcomes.get(test_id), inst.outcomes.get(test_id)
         if before != after:
             problems.append(f"{test_id}: bare {before}, instrumented {after}")
+    judge_plugin(result)
     summary = result.summary
     if not summary:
         problems.append("the instrumented run wrote no summary: was ctxtrace loaded?")
@@ -346,6 +361,19 @@ def judge(result: Result) -> None:
             problems.append(f"no out_of_context_access from {missing}")
 
 
+def judge_plugin(result: Result) -> None:
+    """The plugin run: bare outcomes everywhere but the canary's thread leak, which fails."""
+    bare, plugin = result.bare.outcomes, result.plugin.outcomes
+    changed = {t for t in set(bare) | set(plugin) if bare.get(t) != plugin.get(t)}
+    leak_ids = {t for t in changed if t.endswith(f"::{CANARY_LEAK_TEST}")}
+    for test_id in sorted(changed - leak_ids):
+        result.problems.append(
+            f"{test_id}: bare {bare.get(test_id)}, under --ctxtrace {plugin.get(test_id)}"
+        )
+    if not leak_ids:
+        result.problems.append(f"--ctxtrace did not fail the canary's {CANARY_LEAK_TEST}")
+
+
 def describe(result: Result) -> list[str]:
     suite, bare, inst, summary = result.suite, result.bare, result.instrumented, result.summary
 
@@ -362,6 +390,7 @@ def describe(result: Result) -> list[str]:
         f"{suite.name} {suite.version}: {len(bare.outcomes)} test ids",
         f"  bare:         {counts(bare)} in {bare.seconds:.1f} s",
         f"  instrumented: {counts(inst)} in {inst.seconds:.1f} s",
+        f"  --ctxtrace:   {counts(result.plugin)} in {result.plugin.seconds:.1f} s",
         f"  ctxtrace: {summary.get('pushes', 0)} pushes, {summary.get('pops', 0)} pops, "
         f"{summary.get('active', 0)} active at the end, "
         f"{summary.get('dropped_contexts', 0)} dropped, "
@@ -372,7 +401,11 @@ def describe(result: Result) -> list[str]:
     if suite.note:
         lines.append(f"  ({suite.note})")
     lines.extend(f"  PROBLEM {p}" for p in result.problems)
-    lines.append("  OK: same outcome for every test id" if not result.problems else "  FAILED")
+    lines.append(
+        "  OK: same outcome for every test id (--ctxtrace failed only the canary's leak)"
+        if not result.problems
+        else "  FAILED"
+    )
     return lines
 
 
