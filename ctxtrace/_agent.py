@@ -98,6 +98,7 @@ class Agent:
                 long_lived_app_s=config.long_lived_app,
                 long_lived_streaming=config.long_lived_streaming,
                 detect=config.detectors,
+                access_window_s=config.log_rate_window,
             ),
             slots=self.shape.slots,
             repush_stacks=not self.shape.merged,
@@ -183,6 +184,9 @@ class Agent:
     def take_depth_max(self) -> int:
         return self.ledger.take_depth_max()
 
+    def repeated_accesses(self) -> list[tuple[tuple[str, ...], int]]:
+        return self.ledger.repeated_accesses()
+
     def dropped(self) -> dict[str, int]:
         return {"context": read_count(self.ledger.dropped_contexts), "log": self.logs.dropped}
 
@@ -253,7 +257,7 @@ class Agent:
     def stop(self, timeout_s: float = 5.0) -> None:
         try:
             # Accesses made outside any unit are told now, while the emitters listen.
-            self.ledger.settle_loose()
+            self.ledger.settle_all()
         except Exception as exc:
             self.errors.record("ledger", exc)
         self.stopped = True

@@ -235,6 +235,12 @@ class OutOfContextAccess:
     parent_unit: Unit | None = None
     outcome: Outcome = "escaped"
     carry: object = _carry()
+    #: Accesses like this one (site, proxy, phase, outcome) that were only counted
+    #: since the last one reported: repeats inside a report window (``core.accesses``).
+    counted_since_last: int = 0
+    #: Not an occurrence: it stands for ``counted_since_last`` accesses that no report
+    #: mentioned by the time their window passed or the process ended.
+    summary: bool = False
 
 
 Event = ContextPushed | ContextPopped | Anomaly | OutOfContextAccess

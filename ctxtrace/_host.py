@@ -81,6 +81,10 @@ class Host(Protocol):
 
     def take_depth_max(self) -> int: ...
 
+    def repeated_accesses(self) -> list[tuple[tuple[str, ...], int]]:
+        """Out-of-context accesses the ledger counted without an event, by (proxy, phase,
+        outcome): a repeat at a site already reported in its window."""
+
     def dropped(self) -> dict[str, int]:
         """What the ledger's and the log emitter's bounds turned away, by ``what``."""
         ...

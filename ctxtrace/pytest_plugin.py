@@ -54,7 +54,9 @@ FAILING: Final = frozenset(("leaked", ACCESS))
 #: The agent the plugin starts when the suite has none: no exporters. No
 #: ``repair`` either: the plugin pops what a test left only after the test,
 #: never inside the code under test.
-AGENT_OPTIONS: Final = {"metrics": "none", "spans": "off"}
+#: No report window: an access a later test repeats at the same site must fail that
+#: test too, not only be counted (``core.accesses``).
+AGENT_OPTIONS: Final = {"metrics": "none", "spans": "off", "log_rate_window": "off"}
 _GUARD: Final = "ctxtrace-guard"
 _agents: weakref.WeakSet[Agent] = weakref.WeakSet()
 
@@ -91,7 +93,7 @@ class EventLog:
         caught the errors it made so far, so they are told as handled first.
         """
         self.settle()
-        return [e for e in self.events if isinstance(e, OutOfContextAccess)]
+        return [e for e in self.events if isinstance(e, OutOfContextAccess) and not e.summary]
 
     def clear(self) -> None:
         self.events.clear()

@@ -9,8 +9,31 @@ is the only place that knows so.
 from __future__ import annotations
 
 import itertools
+import threading
 
 
 def read_count(counter: itertools.count[int]) -> int:
     """The value of ``counter`` without advancing it."""
     return int(repr(counter)[6:-1])
+
+
+class ExactCounts:
+    """Counters keyed by label values; ``add`` is lock-free after a key's first use.
+
+    ``next()`` on an ``itertools.count`` is atomic under the GIL, so concurrent
+    emitters never lose an increment.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, ...], itertools.count[int]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: tuple[str, ...]) -> None:
+        counter = self._counts.get(key)
+        if counter is None:
+            with self._lock:
+                counter = self._counts.setdefault(key, itertools.count())
+        next(counter)
+
+    def items(self) -> list[tuple[tuple[str, ...], int]]:
+        return [(key, read_count(c)) for key, c in list(self._counts.items())]

@@ -51,6 +51,7 @@ from ctxtrace._events import (
     Unit,
 )
 from ctxtrace.core import sites
+from ctxtrace.core.accesses import AccessWindow
 from ctxtrace.core.counters import read_count
 from ctxtrace.core.names import safe_name
 from ctxtrace.core.records import (
@@ -69,6 +70,7 @@ from ctxtrace.core.records import (
     OWNER,
     P_AT,
     P_ERROR,
+    P_REPEAT,
     PUSHED,
     REF,
     REPORTED,
@@ -108,9 +110,11 @@ LOOSE_GRACE_NS: Final = 500_000_000
 _MAX_CAUSES: Final = 32
 
 
-def _told(access: PendingAccess, outcome: Outcome) -> OutOfContextAccess:
+def _event(
+    access: PendingAccess, outcome: Outcome, counted: int, summary: bool = False
+) -> OutOfContextAccess:
     """The event of a pending access, now that its outcome is known."""
-    proxy, site, phase, thread_name, exc, unit, flight, at_ns, parent, carry = access
+    proxy, site, phase, thread_name, exc, unit, flight, at_ns, parent, carry, _ = access
     return OutOfContextAccess(
         proxy=proxy,
         site=site,
@@ -124,6 +128,8 @@ def _told(access: PendingAccess, outcome: Outcome) -> OutOfContextAccess:
         parent_unit=parent,
         outcome=outcome,
         carry=carry,
+        counted_since_last=counted,
+        summary=summary,
     )
 
 
@@ -202,6 +208,7 @@ class Ledger:
         self._stats_lock = threading.Lock()
         self._endpoint_sites: dict[str, Site] = {}
         self._ids = itertools.count(1)
+        self._accesses: AccessWindow[PendingAccess] = AccessWindow(policy.access_window_s)
         self.dropped_contexts = itertools.count()
         self.depth_max = 0
         self._detect = policy.detect
@@ -908,6 +915,7 @@ class Ledger:
         for unit in list(self._inflight):
             self._sweep_dispatch(unit, now)
         self.settle_loose(now - LOOSE_GRACE_NS)
+        self._sum_up_repeats(now)
 
     def _check_age(self, entry: Entry, now: int) -> None:
         if self._imported(entry):
@@ -943,7 +951,7 @@ class Ledger:
     def finish_all(self) -> None:
         """At process exit, whatever is still pushed has leaked (bar what a module's
         body pushed at import: said once, by now or here)."""
-        self.settle_loose(None)
+        self.settle_all()
         for entry in list(self._live.values()):
             self._forget(entry)
             if self._imported(entry):
@@ -962,6 +970,7 @@ class Ledger:
         self._inflight.clear()
         # The parent tells its own accesses; a child would count them again.
         self._loose = deque()
+        self._accesses = AccessWindow(self.policy.access_window_s)
         self._loose_lock = threading.Lock()
         for var in self._stacks.values():
             var.set(None)
@@ -994,7 +1003,17 @@ class Ledger:
         """
         thread = self._thread()
         unit = self._unit.get() or thread.unit
-        capture = self._capture
+        now = self._clock()
+        if self._accesses.is_repeat((proxy, site, phase), now):
+            # Likely only counted: what nothing but a full report needs is left out.
+            flight: tuple[FlightRecord, ...] = ()
+            carry = None
+            repeat = True
+        else:
+            capture = self._capture
+            flight = self._flight(thread)
+            carry = capture() if capture is not None else None
+            repeat = False
         access: PendingAccess = (
             proxy,
             site,
@@ -1002,10 +1021,11 @@ class Ledger:
             thread.name,
             exc,
             unit.info() if unit is not None else None,
-            self._flight(thread),
-            self._clock(),
+            flight,
+            now,
             parent_unit,
-            capture() if capture is not None else None,
+            carry,
+            repeat,
         )
         if unit is None or unit.finished:
             self._loose.append(access)
@@ -1016,7 +1036,7 @@ class Ledger:
         if pending is None:
             pending = unit.pending = []
         elif len(pending) >= MAX_PENDING:
-            self._emit(_told(pending.pop(0), "handled"))
+            self._tell(pending.pop(0), "handled")
         pending.append(access)
 
     def escaped(self, exc: BaseException) -> None:
@@ -1030,7 +1050,7 @@ class Ledger:
         if told:
             pending[:] = [access for access in pending if id(access[P_ERROR]) not in chain]
             for access in told:
-                self._emit(_told(access, "escaped"))
+                self._tell(access, "escaped")
 
     def settle_now(self) -> None:
         """Tell what waits, for code that asks while it runs (the pytest plugin's
@@ -1046,7 +1066,7 @@ class Ledger:
         """The unit ended: the accesses whose errors never failed it were handled."""
         pending, unit.pending = unit.pending, None
         for access in pending or ():
-            self._emit(_told(access, "handled"))
+            self._tell(access, "handled")
 
     def settle_loose(self, before_ns: int | None = None, keep: int = 0) -> None:
         """Tell accesses made outside any unit, those before ``before_ns`` (all: None).
@@ -1056,7 +1076,7 @@ class Ledger:
         application frame caught it (``sites.caught_by_application``).
         """
         loose = self._loose
-        told: list[OutOfContextAccess] = []
+        told: list[tuple[PendingAccess, Outcome]] = []
         with self._loose_lock:
             while len(loose) > keep:
                 access = loose[0]
@@ -1064,9 +1084,30 @@ class Ledger:
                     break
                 loose.popleft()
                 handled = sites.caught_by_application(access[P_ERROR])
-                told.append(_told(access, "handled" if handled else "escaped"))
-        for event in told:
-            self._emit(event)
+                told.append((access, "handled" if handled else "escaped"))
+        for access, outcome in told:
+            self._tell(access, outcome)
+
+    def _tell(self, access: PendingAccess, outcome: Outcome) -> None:
+        """Report an access whose outcome is known, or only count it (``core.accesses``)."""
+        key = (access[0], access[1], access[2])
+        counted = self._accesses.tell(key, outcome, access[P_REPEAT], access)
+        if counted is not None:
+            self._emit(_event(access, outcome, counted))
+
+    def settle_all(self) -> None:
+        """Tell every access that waits, and what report windows only counted (at stop)."""
+        self.settle_loose(None)
+        self._sum_up_repeats(None)
+
+    def _sum_up_repeats(self, now_ns: int | None) -> None:
+        """Say what report windows only counted: of windows past (``now_ns``), or all."""
+        for access, outcome, counted in self._accesses.summaries(now_ns):
+            self._emit(_event(access, outcome, counted, summary=True))
+
+    def repeated_accesses(self) -> list[tuple[tuple[str, ...], int]]:
+        """Accesses only counted, by (proxy, phase, outcome): the rest of the metric."""
+        return self._accesses.repeats.items()
 
     # -- contexts a module's body pushed while it was imported ----------------
 

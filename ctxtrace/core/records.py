@@ -75,10 +75,12 @@ class Stats:
 #: its outcome is known. The indices are named here.
 PendingAccess: TypeAlias = tuple[
     str, "Site | None", "Phase", str, BaseException, "Unit | None",
-    "tuple[FlightRecord, ...]", int, "Unit | None", object,
+    "tuple[FlightRecord, ...]", int, "Unit | None", object, bool,
 ]
 P_ERROR: Final = 4
 P_AT: Final = 7
+#: Whether the access repeats one its site's window reported (``core.accesses``).
+P_REPEAT: Final = 10
 
 
 class ThreadState:
@@ -263,3 +265,5 @@ class LedgerPolicy:
     long_lived_streaming: bool = default_of("long_lived_streaming")
     detect: frozenset[str] = frozenset(k.name for k in ANOMALY_KINDS if k.default_on)
     duration_buffer: int = 65_536
+    #: Per-site window for out-of-context access reports (``core.accesses``); None: all.
+    access_window_s: float | None = default_of("log_rate_window")

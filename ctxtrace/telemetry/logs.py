@@ -313,7 +313,7 @@ class LogEmitter:
         if isinstance(event, Anomaly):
             self._anomaly(event)
         elif isinstance(event, OutOfContextAccess):
-            self._access(event)
+            self._access(event, summary=event.counted_since_last if event.summary else 0)
         elif self._lifecycle and isinstance(event, ContextPushed | ContextPopped):
             self._lifecycle_line(event)
 
@@ -420,6 +420,9 @@ class LogEmitter:
             fields["started_by"] = f"{event.parent_unit.kind}:{event.parent_unit.name}"
         if event.site is not None and event.site.via is not None:
             fields["library_site"] = str(event.site.via)
+        # Held back here, plus the repeats the ledger only counted (``core.accesses``).
+        if not summary:
+            suppressed = (suppressed or 0) + event.counted_since_last
         if suppressed:
             fields["suppressed_since_last"] = suppressed
         if summary:

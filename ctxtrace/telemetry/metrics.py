@@ -36,7 +36,7 @@ from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
 from ctxtrace._events import ANOMALIES, OUTCOMES, PROXIES, Anomaly, Event, OutOfContextAccess
 from ctxtrace._version import VERSION
-from ctxtrace.core.counters import read_count
+from ctxtrace.core.counters import ExactCounts
 from ctxtrace.core.guard import run_within
 from ctxtrace.telemetry import providers
 
@@ -77,28 +77,6 @@ DEPTH_SLOT_S: Final = 15.0
 CORE_COMPONENTS: Final = ("hooks", "ledger", "watchdog", "metrics", "spans", "logs")
 _MAX_APPS: Final = 64
 _OTHER: Final = "other"
-
-
-class ExactCounts:
-    """Counters keyed by label values; ``add`` is lock-free after a key's first use.
-
-    ``next()`` on an ``itertools.count`` is atomic under the GIL, so concurrent
-    emitters never lose an increment.
-    """
-
-    def __init__(self) -> None:
-        self._counts: dict[tuple[str, ...], itertools.count[int]] = {}
-        self._lock = threading.Lock()
-
-    def add(self, key: tuple[str, ...]) -> None:
-        counter = self._counts.get(key)
-        if counter is None:
-            with self._lock:
-                counter = self._counts.setdefault(key, itertools.count())
-        next(counter)
-
-    def items(self) -> list[tuple[tuple[str, ...], int]]:
-        return [(key, read_count(c)) for key, c in list(self._counts.items())]
 
 
 class DepthWindow:
@@ -269,7 +247,8 @@ class MetricsEmitter:
         if isinstance(event, Anomaly):
             info = event.context
             self.anomalies.add((event.name, info.kind, self._app(info.app)))
-        elif isinstance(event, OutOfContextAccess):
+        elif isinstance(event, OutOfContextAccess) and not event.summary:
+            # A summary's accesses are in ``Host.repeated_accesses`` already.
             self.accesses.add((event.proxy, event.phase, event.outcome))
 
     def _app(self, app: str) -> str:
@@ -471,19 +450,28 @@ class MetricsEmitter:
 
     def observe_anomalies(self, options: CallbackOptions) -> Iterable[Observation]:
         zeros = ((name, s.kind, s.app) for s in self._host.snapshot() for name in ANOMALIES)
-        return self._zero_filled(zeros, self.anomalies, ("anomaly", "kind", "app"))
+        return self._zero_filled(zeros, self.anomalies.items(), ("anomaly", "kind", "app"))
 
     def observe_accesses(self, options: CallbackOptions) -> Iterable[Observation]:
         zeros = ((p, ph, o) for p in PROXIES for ph in PHASES for o in OUTCOMES)
-        return self._zero_filled(zeros, self.accesses, ("proxy", "phase", "outcome"))
+        counts = self.accesses.items()
+        # Repeats at a site already reported in its window never became events.
+        repeats = self._host.repeated_accesses()
+        return self._zero_filled(zeros, counts, ("proxy", "phase", "outcome"), repeats)
 
     def _zero_filled(
-        self, zeros: Iterable[tuple[str, ...]], counts: ExactCounts, labels: tuple[str, ...]
+        self,
+        zeros: Iterable[tuple[str, ...]],
+        counts: Iterable[tuple[tuple[str, ...], int]],
+        labels: tuple[str, ...],
+        more: Iterable[tuple[tuple[str, ...], int]] = (),
     ) -> list[Observation]:
-        """``counts``, with a 0 for each key of ``zeros`` not counted yet: a series exists
-        before its first increment, so a rate over it sees that increment."""
+        """``counts`` plus ``more``, with a 0 for each key of ``zeros`` not counted yet: a
+        series exists before its first increment, so a rate over it sees that increment."""
         values: dict[tuple[str, ...], int] = dict.fromkeys(zeros, 0)
-        values.update(counts.items())
+        values.update(counts)
+        for key, n in more:
+            values[key] = values.get(key, 0) + n
         worker = self._host.worker
         return [
             Observation(n, {**dict(zip(labels, key, strict=True)), "worker": worker})

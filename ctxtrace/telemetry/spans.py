@@ -390,6 +390,8 @@ class SpanEmitter:
         return attributes
 
     def _access(self, event: OutOfContextAccess) -> None:
+        if event.summary:
+            return  # not an occurrence: its count is in the metrics and the log summary
         attributes: dict[str, Any] = {
             "exception.type": event.exc_type,
             "exception.message": event.exc_message,
@@ -407,6 +409,8 @@ class SpanEmitter:
             attributes["code.line.number"] = site.line
             if site.via is not None:
                 attributes["ctxtrace.library_site"] = str(site.via)
+        if event.counted_since_last:
+            attributes["ctxtrace.suppressed_since_last"] = event.counted_since_last
         when = self._epoch(event.at_ns)
         # The span that was current at the access: its outcome is told later (a
         # handled one when its unit ends), when that span may have ended.

@@ -147,6 +147,30 @@ def test_handled_and_escaped_accesses_are_rate_limited_apart(
     ]
 
 
+def test_the_next_window_says_how_many_repeats_were_only_counted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Repeats inside a window are counted without a line; the site's first line of the
+    next window says how many there were."""
+    assert ctxtrace.instrument(metrics="none", log_rate_window=0.3)
+    agent = _agent.current()
+    assert agent is not None
+
+    def access() -> None:
+        handle = agent.begin_unit("task", "nightly")
+        with contextlib.suppress(RuntimeError):
+            current_app.config  # noqa: B018 - site: the same line every time
+        agent.end_unit(handle)
+
+    for _ in range(5):
+        access()
+    time.sleep(0.4)
+    access()
+    ctxtrace.uninstrument()
+    lines = [x for x in _json_lines(capsys.readouterr().err) if x["event"].startswith("ctxtrace.")]
+    assert [x.get("suppressed_since_last", 0) for x in lines] == [0, 4]
+
+
 def test_rate_limit_first_then_summary() -> None:
     """The first line of a site passes, repeats are dropped and counted in the next line."""
     now = [0.0]

@@ -17,7 +17,7 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 
 import ctxtrace
 from ctxtrace import _agent
-from ctxtrace._events import ANOMALIES, PROXIES
+from ctxtrace._events import ANOMALIES, PROXIES, OutOfContextAccess
 from ctxtrace.telemetry import metrics as _metrics
 from ctxtrace.telemetry import providers
 
@@ -370,3 +370,38 @@ def test_depth_window_serves_every_reader_then_forgets() -> None:
     assert window.read() == 0
     spikes.append(3)
     assert window.read() == 3
+
+
+def test_repeated_failed_accesses_are_counted_exactly_without_a_line_each(
+    instrumented: Any,
+    reader: InMemoryMetricReader,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A fallback catching ``RuntimeError`` in a loop, in tasks and outside any unit: one
+    line per outcome and site (the rest counted in its summary), every access in the metric."""
+    recorder = instrumented(log_rate_window=60)
+    agent = _agent.current()
+    assert agent is not None
+    for _ in range(4):
+        handle = agent.begin_unit("task", "nightly")
+        for _ in range(150):
+            with contextlib.suppress(RuntimeError):
+                current_app.name  # noqa: B018 - the failed access is the point
+        agent.end_unit(handle)
+    for _ in range(300):
+        with contextlib.suppress(RuntimeError):
+            current_app.name  # noqa: B018
+    agent.ledger.settle_all()  # what the sweep or the stop would tell
+    points = collect(reader)
+    ctxtrace.uninstrument()
+    handled = value(
+        points, "ctxtrace.out_of_context_access", proxy="current_app", phase="runtime",
+        outcome="handled",
+    )
+    assert handled == 4 * 150 + 300
+    told = [e for e in recorder.events if isinstance(e, OutOfContextAccess)]
+    assert [(e.summary, e.counted_since_last) for e in told] == [
+        (False, 0), (False, 0), (True, 599), (True, 299),
+    ]
+    lines = [x for x in capsys.readouterr().err.splitlines() if "out_of_context_access" in x]
+    assert len(lines) == 4
