@@ -3,8 +3,9 @@
 The model below is written without looking at the ledger: a list per thread for
 the stack, and the rules of the anomaly contract. Hypothesis drives pushes, pops
 in any order, pops in the wrong thread, double pops, exceptions inside ``with``
-blocks, out-of-context accesses and units of work across two real threads, and
-after every step the anomalies ctxtrace reported must be exactly the predicted
+blocks, out-of-context accesses, units of work and real requests through Flask's
+WSGI entry (the dispatch path, with the contexts Flask pushes for a request) across
+two real threads, and after every step the anomalies ctxtrace reported must be exactly the predicted
 ones. A deliberately broken ledger must make the machine fail.
 """
 
@@ -15,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from flask import Flask, current_app
@@ -161,11 +162,26 @@ class LedgerMachine(RuleBasedStateMachine):
     """Random context traffic on real Flask, ctxtrace's reports against the model."""
 
     contexts = Bundle("contexts")
+    #: Further ctxtrace options: ``spans="all"`` makes the ledger track a request's own
+    #: contexts from their push (their lifecycle events feed the spans).
+    options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self) -> None:
         super().__init__()
         self.app = Flask("model")
-        assert ctxtrace.instrument(sweep_interval=3600, log_rate_window="off", metrics="none")
+        app = self.app
+
+        @app.get("/")
+        def plain() -> str:
+            return current_app.name
+
+        @app.get("/with")
+        def balanced() -> str:
+            with app.app_context():
+                return current_app.name
+        assert ctxtrace.instrument(
+            sweep_interval=3600, log_rate_window="off", metrics="none", **self.options
+        )
         agent = _agent.current()
         assert agent is not None
         self.agent = agent
@@ -294,6 +310,36 @@ class LedgerMachine(RuleBasedStateMachine):
         assert ok
         self._check(predicted)
 
+    @rule(t=st.integers(0, THREADS - 1), path=st.sampled_from(["/", "/with", "/missing"]))
+    def request(self, t: int, path: str) -> None:
+        """A request on a thread whatever its stack holds: a unit of its own, dispatched
+        by Flask's contexts above the thread's, which must never be reported."""
+        if self.model.units[t] is not None:
+            return  # a request inside a task unit is another unit's dispatch
+        _, predicted = self.model.begin_unit(t)
+        predicted += self.model.end_unit(t)
+        app = self.app
+        ok, status = self._run(t, lambda: app.test_client().get(path).status_code)
+        assert ok, status
+        assert status == (404 if path == "/missing" else 200)
+        self._check(predicted)
+
+    @rule(target=contexts, t=st.integers(0, THREADS - 1))
+    def leak_then_request(self, t: int) -> Any:
+        """A task leaks a context and the next request on its thread inherits it: stale.
+
+        Like ``pop_out_of_order``, so that every run reaches the dispatch path's stale
+        check, not only the runs whose random steps happen to line it up.
+        """
+        if self.model.units[t] is not None:
+            return multiple()
+        leaked = self.new_context()
+        self.begin_unit(t)
+        self.push(leaked, t)
+        self.end_unit(t)
+        self.request(t, "/")
+        return multiple(leaked)
+
     @invariant()
     def no_internal_errors(self) -> None:
         assert self.agent.errors.counts() == {}
@@ -309,10 +355,17 @@ SETTINGS = settings(
 )
 
 
+class TrackedDispatchMachine(LedgerMachine):
+    """The same traffic with every context tracked from its push (``CTXTRACE_SPANS=all``)."""
+
+    options: ClassVar[dict[str, Any]] = {"spans": "all"}
+
+
+@pytest.mark.parametrize("machine", [LedgerMachine, TrackedDispatchMachine])
 @pytest.mark.usefixtures("no_agent")
-def test_ledger_matches_the_model() -> None:
+def test_ledger_matches_the_model(machine: type[LedgerMachine]) -> None:
     """Every random sequence: ctxtrace reports exactly the anomalies the model predicts."""
-    run_state_machine_as_test(LedgerMachine, settings=SETTINGS)
+    run_state_machine_as_test(machine, settings=SETTINGS)
 
 
 @contextmanager
@@ -333,8 +386,13 @@ def _broken(monkeypatch: pytest.MonkeyPatch, name: str, replacement: Any) -> Ite
         ("_report_unknown_double_pop", lambda self, ctx, thread: None),
         # Mutation: a unit forgets to look for what earlier units left.
         ("check_stale", lambda self, unit: setattr(unit, "checked", True)),
+        # Mutation: a request's own contexts are tracked like any push (its dispatch is lost).
+        ("tracks_dispatch", property(lambda self: True)),
     ],
-    ids=["wrong_pop_silenced", "unit_end_blind", "double_pop_blind", "stale_blind"],
+    ids=[
+        "wrong_pop_silenced", "unit_end_blind", "double_pop_blind", "stale_blind",
+        "dispatch_tracked",
+    ],
 )
 @pytest.mark.usefixtures("no_agent")
 def test_a_broken_ledger_fails_the_machine(
