@@ -8,9 +8,15 @@ the embedded rules with promtool.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,6 +27,7 @@ import yaml
 from ctxtrace._config import PREFIX, Config
 
 FILES = ("prometheusrule.yaml", "podmonitor.yaml", "deployment.yaml")
+BIN = Path(sys.executable).parent
 #: A Kubernetes port name (IANA_SVC_NAME): 15 characters at most, lower-case letters,
 #: digits and inner dashes, at least one letter.
 PORT_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?")
@@ -182,3 +189,77 @@ def test_check_fails_on_stale_manifests(
         assert f"{edited} is stale" in capsys.readouterr().err
         edited.write_text(original, encoding="utf-8")
     assert generator.main(["--check"]) == 0
+
+
+def free_range(size: int) -> int:
+    """The first of ``size`` consecutive loopback ports nothing listens on (bounded tries)."""
+    for first in range(20_000, 60_000, 997):
+        sockets = [socket.socket() for _ in range(size)]
+        try:
+            for offset, sock in enumerate(sockets):
+                sock.bind(("127.0.0.1", first + offset))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return first
+    raise AssertionError(f"no {size} consecutive free ports on 127.0.0.1")
+
+
+def worker_label(port: int) -> str | None:
+    """The one ``worker`` label of the /metrics a port serves, or None if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    (worker,) = set(re.findall(r'worker="([^"]+)"', text))
+    return worker
+
+
+def test_the_deployments_command_serves_every_declared_port(
+    manifests: dict[str, dict[str, Any]],
+    paths: dict[str, Path],
+    livestack: ModuleType,
+    missing: Callable[[str], None],
+    tmp_path: Path,
+) -> None:
+    """Run as the container says (its command, its CTXTRACE_* variables), with only the
+    addresses moved to loopback and free ports and the app swapped for a fixture: the
+    gunicorn master and each worker serve /metrics on a port of their own, and together
+    they take every declared port."""
+    try:
+        import gunicorn  # noqa: F401, PLC0415 - probing only
+    except ImportError:
+        missing("gunicorn is not installed; install the test extra: pip install -e '.[test]'")
+    entry = container(manifests)
+    declared = [p["containerPort"] for p in entry["ports"] if p["name"] != "http"]
+    shift = free_range(len(declared)) - declared[0]
+    ports = [port + shift for port in declared]
+    env = {item["name"]: item["value"] for item in entry["env"]}
+    env[PREFIX + "PROMETHEUS_HOST"] = "127.0.0.1"  # the pod's address there, loopback here
+    env[PREFIX + "PROMETHEUS_PORT"] = f"{ports[0]}-{ports[-1]}"
+    command = list(entry["command"])
+    command[command.index("ctxtrace")] = str(BIN / "ctxtrace")
+    command[command.index("gunicorn")] = str(BIN / "gunicorn")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        command[command.index("--bind") + 1] = f"127.0.0.1:{sock.getsockname()[1]}"
+    command[-1] = "tests.fixtures.telemetry_app:app"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("CTXTRACE_", "OTEL_"))}
+    # HOME: gunicorn's control socket (~/.gunicorn) in a folder of this test's own.
+    environ.update(env, PYTHONPATH=str(paths["repo"]), HOME=str(tmp_path))
+    log = tmp_path / "gunicorn.log"
+    with livestack.Processes() as processes:
+        server = processes.start(command, log, env=environ, cwd=paths["repo"], group=True)
+        livestack.wait_for(
+            "every declared metrics port serving",
+            lambda: all(worker_label(port) for port in ports), [log], 30,
+        )
+        workers = [worker_label(port) for port in ports]
+    assert server.returncode == 0, livestack.tails([log])
+    assert len(set(workers)) == len(ports), workers
+    roles = Counter(str(worker).rsplit(":", 1)[1] for worker in workers)
+    assert roles == {"gunicorn-master": 1, "gunicorn": len(ports) - 1}
+    assert any(str(worker).endswith(f":{server.pid}:gunicorn-master") for worker in workers)
