@@ -5,9 +5,11 @@ it is generated rather than hand-edited so that every panel follows the same rul
 ``datasource`` variable, ``$__rate_interval``, the ``job``/``host``/``app``/``worker``
 filters); a test regenerates it and fails on any difference. The alert rules
 (``alerts.yml``, from ``config.yaml`` through ``rules.py``) are written by the same run, so
-the dashboard's runbook panels and the alerts' links to them cannot drift apart.
+the dashboard's runbook panels and the alerts' links to them cannot drift apart; so are
+the Kubernetes manifests in exporters/kubernetes/ (``kubernetes.py``), whose
+PrometheusRule holds those same rules.
 
-Run ``python dashboards/generate.py`` to rewrite both, ``--check`` to only compare.
+Run ``python dashboards/generate.py`` to rewrite them all, ``--check`` to only compare.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ RUNBOOK = Path(__file__).resolve().parents[1] / "docs" / "runbook.md"
 UID = "ctxtrace-flask-contexts"
 
 
-def _load_rules() -> ModuleType:
-    """dashboards/rules.py, by path: dashboards/ is not a package."""
+def _load(name: str) -> ModuleType:
+    """dashboards/NAME.py, by path: dashboards/ is not a package."""
     spec = importlib.util.spec_from_file_location(
-        "ctxtrace_dashboard_rules", Path(__file__).with_name("rules.py")
+        f"ctxtrace_dashboard_{name}", Path(__file__).with_name(f"{name}.py")
     )
     assert spec is not None
     assert spec.loader is not None
@@ -51,7 +53,8 @@ def _load_rules() -> ModuleType:
     return module
 
 
-rules = _load_rules()
+rules = _load("rules")
+kubernetes = _load("kubernetes")
 
 # Every query names the data source through the variable, so one imported copy of the
 # dashboard works against whichever Prometheus the viewer picks.
@@ -671,7 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare only, write nothing")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
-    outputs = {args.output: render(), rules.OUTPUT: rules.render(rules.load_config())}
+    config = rules.load_config()
+    outputs = {args.output: render(), rules.OUTPUT: rules.render(config)}
+    for path, (header, documents) in kubernetes.files(config, rules.build(config)).items():
+        outputs[path] = header + rules.dump(documents)
     if args.check:
         stale = [
             path for path, wanted in outputs.items()
@@ -681,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path} is stale: run python dashboards/generate.py", file=sys.stderr)
         return 1 if stale else 0
     for path, wanted in outputs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(wanted, encoding="utf-8")
     return 0
 

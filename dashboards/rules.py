@@ -309,28 +309,30 @@ def build(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"name": "ctxtrace", "rules": rules}]
 
 
-class _Literal(str):
-    """A string PyYAML writes as a ``|`` block (the PromQL expressions)."""
-
-
-def _literal(dumper: yaml.SafeDumper, data: _Literal) -> yaml.ScalarNode:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|")
-
-
 class _Dumper(yaml.SafeDumper):
-    pass
+    """Writes multi-line strings (the PromQL expressions) as ``|`` blocks, and never an
+    alias: a reader of a rules file or a manifest should see every value where it is."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
-_Dumper.add_representer(_Literal, _literal)
+def _string(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _string)
+
+
+def dump(documents: Sequence[Any]) -> str:
+    """YAML documents as the generated files write them: keys in the order given,
+    expressions as blocks, ``---`` between documents."""
+    return yaml.dump_all(
+        documents, Dumper=_Dumper, sort_keys=False, width=1000, allow_unicode=True
+    )
 
 
 def render(config: Mapping[str, Any]) -> str:
     """alerts.yml's text: the header, then the groups, expressions as blocks."""
-    groups = build(config)
-    for group in groups:
-        for rule in group["rules"]:
-            rule["expr"] = _Literal(rule["expr"])
-    body = yaml.dump(
-        {"groups": groups}, Dumper=_Dumper, sort_keys=False, width=1000, allow_unicode=True
-    )
-    return HEADER + body
+    return HEADER + dump([{"groups": build(config)}])

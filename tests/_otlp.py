@@ -5,12 +5,30 @@ from __future__ import annotations
 import http.server
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+
+def attributes(items: Any) -> dict[str, Any]:
+    """OTLP key-value pairs (a resource's, a span's, a data point's) as a dict."""
+    out: dict[str, Any] = {}
+    for kv in items:
+        field = kv.value.WhichOneof("value")
+        out[kv.key] = getattr(kv.value, field)
+    return out
+
+
+class Point(NamedTuple):
+    """One data point as it arrived: who sent it (resource attributes), in which metric."""
+
+    resource: dict[str, Any]
+    metric: Any
+    point: Any
 
 
 class Receiver:
@@ -71,3 +89,13 @@ class Receiver:
                             field = m.WhichOneof("data")
                             found = list(getattr(m, field).data_points)
         return found
+
+    def points(self) -> Iterator[Point]:
+        """Every data point of every metrics request, in the order they arrived."""
+        for request in self.metrics:
+            for rm in request.resource_metrics:
+                resource = attributes(rm.resource.attributes)
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        for point in getattr(m, m.WhichOneof("data")).data_points:
+                            yield Point(resource, m, point)

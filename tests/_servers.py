@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ import redis
 from werkzeug.serving import make_server
 
 REPO = Path(__file__).resolve().parents[1]
+#: The test run's own virtualenv scripts (``ctxtrace``, ``gunicorn``).
+BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -201,3 +203,44 @@ def checkout_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXTRACE_", "OTEL_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def ctxtrace_run(
+    command: Sequence[str], log: Path, *, sets: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``ctxtrace run [--set OPTION]... -- COMMAND`` from the repository root, in a session
+    of its own (stop it with ``stop(..., group=True)``), output to ``log``; ``env`` on top
+    of ``checkout_env()``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [
+                str(BIN / "ctxtrace"), "run",
+                *(item for option in sets for item in ("--set", option)),
+                "--", *command,
+            ],
+            cwd=REPO, env={**checkout_env(), **(env or {})}, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def ctxtrace_gunicorn(
+    folder: Path, app: str, *options: str, sets: tuple[str, ...] = (),
+    env: Mapping[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], str, Path, Path]:
+    """``ctxtrace run -- gunicorn --preload OPTIONS app`` on a free loopback port.
+
+    Every process's ``/metrics`` takes a port the OS picks and announces it in a file_sd
+    folder; ``sets`` and ``env`` as for ``ctxtrace_run``. Returns the process, its base
+    URL, the file_sd folder and the log (gunicorn's lines and ctxtrace's JSON).
+    """
+    port, targets, log = free_port(), folder / "targets", folder / "gunicorn.log"
+    command = [
+        str(BIN / "gunicorn"), "--preload", *options,
+        "--no-control-socket", "--graceful-timeout", "10", "-b", f"127.0.0.1:{port}", app,
+    ]
+    process = ctxtrace_run(
+        command, log, env=env,
+        sets=("prometheus_port=0", f"prometheus_targets_dir={targets}", *sets),
+    )
+    return process, f"http://127.0.0.1:{port}", targets, log

@@ -137,6 +137,16 @@ def test_collector_pipelines_are_wired(paths: dict[str, Path]) -> None:
     assert config["exporters"][logs]["endpoint"].endswith("/otlp")  # Loki's OTLP endpoint
 
 
+def test_the_app_pushes_to_the_collectors_http_receiver(paths: dict[str, Path]) -> None:
+    """The compose app's OTLP settings name the protocol and the port of the collector's
+    OTLP/HTTP receiver (what tests/end_to_end/test_otlp_route.py pushes to)."""
+    collector = load(paths["exporters"] / "otel-collector.yaml")
+    receiver = collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    app = load(paths["exporters"] / "compose.yaml")["services"]["app"]["environment"]
+    assert app["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    assert app["OTEL_EXPORTER_OTLP_ENDPOINT"].rsplit(":", 1)[1] == receiver.rsplit(":", 1)[1]
+
+
 # ---------------------------------------------------------------- compose
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -21,10 +19,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .._servers import REPO, checkout_env, file_sd_targets, free_port, run_threads, stop, wait_until
+from .._servers import REPO, ctxtrace_gunicorn, file_sd_targets, run_threads, stop, wait_until
 from .._support import line_of
-
-BIN = Path(sys.executable).parent
 
 
 def _get(url: str, timeout: float = 5.0) -> str:
@@ -45,35 +41,9 @@ def _sample(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def _gunicorn(
-    folder: Path, app: str, *options: str, sets: tuple[str, ...] = ()
-) -> tuple[subprocess.Popen[bytes], str, Path, Path]:
-    """``ctxtrace run -- gunicorn --preload OPTIONS app`` on a free loopback port.
-
-    Returns the process (a session of its own: stop it with ``stop(..., group=True)``),
-    its base URL, the file_sd folder and the log (gunicorn's lines and ctxtrace's JSON).
-    """
-    port, targets, log = free_port(), folder / "targets", folder / "gunicorn.log"
-    env = checkout_env()
-    command = [
-        str(BIN / "ctxtrace"), "run",
-        "--set", "prometheus_port=0", "--set", f"prometheus_targets_dir={targets}",
-        *(item for option in sets for item in ("--set", option)),
-        "--",
-        str(BIN / "gunicorn"), "--preload", *options,
-        "--no-control-socket", "--graceful-timeout", "10", "-b", f"127.0.0.1:{port}", app,
-    ]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return process, f"http://127.0.0.1:{port}", targets, log
-
-
 def test_each_worker_serves_its_own_exact_metrics(tmp_path: Path) -> None:
     """Two workers, two endpoints found through file_sd, counts that add up exactly."""
-    process, base, targets, _log = _gunicorn(
+    process, base, targets, _log = ctxtrace_gunicorn(
         tmp_path, "tests.fixtures.telemetry_app:app", "-w", "2", "-k", "gthread", "--threads", "4"
     )
     served: Counter[int] = Counter()
@@ -236,7 +206,7 @@ def _check_worker(entry: dict[str, Any], pid: int, served: int) -> None:
 
 def test_preload_worker_restarts_keep_per_worker_series_exact(tmp_path: Path) -> None:
     """--preload, 4 sync workers replaced every 5 requests: no hang, nothing inherited, exact."""
-    process, base, targets, log = _gunicorn(
+    process, base, targets, log = ctxtrace_gunicorn(
         tmp_path, "tests.fixtures.preload_app:app", "-w", str(WORKERS),
         "--max-requests", str(MAX_REQUESTS), "--max-requests-jitter", "0",
     )
@@ -318,7 +288,7 @@ def test_gthread_pool_threads_report_leaks_and_stale_contexts_by_unit(tmp_path: 
     """gthread serves requests on a ThreadPoolExecutor: each request and each task of the
     app's own pool is a unit; a leak is its unit's, and the next unit on the thread finds it
     stale, named after that request's endpoint or that task's function, never gthread's."""
-    process, base, _targets_dir, log = _gunicorn(
+    process, base, _targets_dir, log = ctxtrace_gunicorn(
         tmp_path, "tests.fixtures.gthread_app:app", "-w", "1", "-k", "gthread", "--threads", "1",
     )
     try:

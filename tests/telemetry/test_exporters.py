@@ -24,21 +24,13 @@ from ctxtrace.telemetry import metrics as _metrics
 from ctxtrace.telemetry import prometheus as _prometheus
 from ctxtrace.telemetry import spans as _spans
 
-from .._otlp import Receiver
+from .._otlp import Receiver, attributes
 from .._servers import REPO
 
 OTEL_ENV = (
     "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES",
 )
-
-
-def attributes(items: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for kv in items:
-        field = kv.value.WhichOneof("value")
-        out[kv.key] = getattr(kv.value, field)
-    return out
 
 
 @pytest.fixture
