@@ -8,10 +8,11 @@ exact. The window is the log rate window: "off" reports every access in full.
 
 The ledger asks twice. When the access happens (``is_repeat``): a repeat skips
 what only a full report needs (the flight record, the trace context). When its
-outcome is known (``counted_only``): a repeat whose outcome the window already
-reported is counted here and becomes no event; one whose outcome is new (an
-escaped access after handled ones at the same site) is still reported, so a
-page-worthy escape never hides behind a fallback that catches.
+outcome is known (``tell``): a repeat whose outcome the window already reported
+is counted here and becomes no event; one whose outcome is new (an escaped access
+after handled ones at the same site) is still reported, so a page-worthy escape
+never hides behind a fallback that catches. What no report mentioned is said in
+a summary once its window has passed (``summaries``, from the sweep) or at stop.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 #: (proxy, site, phase): where an access happened, as the window tells them apart.
 AccessKey = tuple[str, "Site | None", "Phase"]
 T = TypeVar("T")
-#: Sites followed at once; past it the windows start over (more full reports, never fewer counts).
+#: Sites followed at once; past it the windows start over (more full reports; the metric
+#: still counts every access, a log summary may miss what was forgotten).
 _MAX_SITES: Final = 4096
 
 
