@@ -259,7 +259,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
     ),
     Option(
         "log_rate_window", _seconds_or_off, 60.0, "seconds > 0 or off",
-        "Per-site log rate limit: first occurrence, then one summary per window.",
+        "Per-site rate limit for logs and out-of-context access reports: first occurrence, "
+        "then one summary per window (repeated accesses only counted).",
     ),
     Option(
         "spans", _choice("all", "anomalies", "off"), "anomalies", "all, anomalies or off",
