@@ -103,6 +103,7 @@ class Agent:
             slots=self.shape.slots,
             repush_stacks=not self.shape.merged,
             lifecycle=config.log_lifecycle or needs.lifecycle,
+            requests=needs.requests,
             capture=needs.capture,
             describe=lambda ctx: self.hooks.describe(ctx),  # noqa: PLW0108 - hooks are built below
         )

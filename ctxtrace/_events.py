@@ -191,6 +191,25 @@ class ContextPopped:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestServed:
+    """A request unit ended (``CTXTRACE_SPANS=all``): one span stands for the contexts
+    Flask pushed to dispatch it, the app context Flask <= 3.1 pushes for it included.
+
+    ``contexts`` is how many those were (2 on Flask <= 3.1, else 1). ``open`` says
+    that one of them outlives the unit (a streamed response, a leak): it gets a span
+    of its own when it is popped. ``pushed_ns`` is the monotonic clock.
+    """
+
+    unit: Unit
+    app: str
+    pushed_ns: int
+    duration_s: float
+    contexts: int
+    open: bool
+    carry: object = _carry()
+
+
+@dataclass(frozen=True, slots=True)
 class Anomaly:
     """The stack went wrong.
 
@@ -243,4 +262,4 @@ class OutOfContextAccess:
     summary: bool = False
 
 
-Event = ContextPushed | ContextPopped | Anomaly | OutOfContextAccess
+Event = ContextPushed | ContextPopped | RequestServed | Anomaly | OutOfContextAccess

@@ -47,6 +47,7 @@ from ctxtrace._events import (
     Outcome,
     OutOfContextAccess,
     Phase,
+    RequestServed,
     Site,
     Unit,
 )
@@ -59,6 +60,7 @@ from ctxtrace.core.records import (
     CARRY,
     COUNT,
     DEPTH,
+    DISPATCHING,
     FINISHED,
     FLAGS,
     HANDED_OVER,
@@ -151,7 +153,9 @@ class Ledger:
 
     ``emit`` receives every event; ``lifecycle`` asks for push/pop events too
     (off on the fast path; it also gives the contexts Flask pushes to dispatch
-    a request full records from their push); ``capture`` is called at each
+    a request full records from their push, unless ``requests`` asks for one
+    ``RequestServed`` per request instead, which keeps them on the fast path);
+    ``capture`` is called at each
     tracked push and its result rides along in events (the telemetry layer
     keeps the OpenTelemetry context there, so a late span can still have the
     right parent). For a request's own context that gets its record after its
@@ -166,6 +170,7 @@ class Ledger:
         slots: Iterable[str] = ("app", "request"),
         repush_stacks: bool = True,
         lifecycle: bool = False,
+        requests: bool = False,
         capture: Callable[..., object] | None = None,
         describe: Callable[[object], tuple[Kind, str]] = lambda ctx: ("app", ""),
         clock: Callable[[], int] = time.monotonic_ns,
@@ -175,6 +180,8 @@ class Ledger:
         self.policy = policy
         self._repush_stacks = repush_stacks
         self._lifecycle = lifecycle
+        self._requests = requests
+        self._track_dispatch = lifecycle and not requests
         self._capture = capture
         self._clock = clock
         self._stacks: dict[str, ContextVar[_Node | None]] = {
@@ -254,7 +261,7 @@ class Ledger:
     @property
     def tracks_dispatch(self) -> bool:
         """Whether a request's own contexts get full records from their push."""
-        return self._lifecycle
+        return self._track_dispatch
 
     # -- pushes and pops of tracked contexts --------------------------------
 
@@ -552,9 +559,11 @@ class Ledger:
         earlier units left on this thread is reported now.
         """
         unit.name = endpoint if endpoint.__class__ is str else UNMATCHED
-        if self._lifecycle:
+        if self._track_dispatch:
             self._dispatch_tracked(unit, ctx, stats)
             return
+        if self._requests and self._capture is not None:
+            unit.carry = self._capture(ctx)
         try:
             thread: ThreadState = self._tls.state
         except AttributeError:
@@ -810,6 +819,8 @@ class Ledger:
         elif state is not None and state.__class__ is not Marker:  # ``dispatch_live``, inlined
             # The request's own context outlives it: give it a record, reported below.
             self._promote(unit)
+        if self._requests and state is not None and unit.kind == "request":
+            self._served(unit, state)
         if not unit.checked:
             self.check_stale(unit)
         if unit.pending is not None:
@@ -828,6 +839,29 @@ class Ledger:
         if not leftovers:
             return []
         return self._report_left(unit, leftovers, repair)
+
+    def _served(self, unit: UnitState, state: object) -> None:
+        """``RequestServed`` for a request whose own contexts were pushed (``requests``)."""
+        if state is DISPATCHING:
+            return  # Flask's push failed: nothing was pushed
+        if state is FINISHED:
+            still_pushed = False
+        else:
+            request = self._dispatch_entries(unit)[0]
+            ctx = request[REF]()
+            still_pushed = ctx is not None and self._live.get(id(ctx)) is request
+        app_stats = getattr(unit, "app_stats", None)
+        self._emit(
+            RequestServed(
+                unit.info(),
+                unit.stats.app,
+                unit.pushed_ns,
+                (self._clock() - unit.pushed_ns) / 1e9,
+                1 if app_stats is None else 2,
+                still_pushed,
+                unit.carry,
+            )
+        )
 
     def _report_left(self, unit: UnitState, leftovers: list[Entry], repair: bool) -> list[object]:
         """``leftovers``, which ``unit`` left pushed: leaked, newest first (what a module's

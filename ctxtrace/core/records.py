@@ -129,6 +129,8 @@ class UnitState:
     dispatch: object = None
     dispatch_app: object = None
     detail: DispatchDetail | None = None
+    # What rides along for the request's span (``CTXTRACE_SPANS=all``): see ``Ledger``.
+    carry: object = None
     # Out-of-context accesses not told yet, with the error each raised: see
     # ``Ledger.access``.
     pending: list[PendingAccess] | None = None

@@ -8,12 +8,18 @@ OpenTelemetry wants), its parent is the OpenTelemetry context captured at the
 push, it carries an ERROR status and an event ``ctxtrace.<anomaly>``, and it
 ends when the anomaly is found.
 
-``CTXTRACE_SPANS=all`` makes a span for every context. It is started and ended
-when the context is popped, with the push time as its start: the parent can
-then be the server span OpenTelemetry's Flask instrumentation starts only after
-Flask pushed the request context (see ``_tracecarry``). The tracer provider's
-sampler decides as for any other span. Anomalies seen before the pop become
-events on that span; a leaked context's span is ended when the leak is found.
+``CTXTRACE_SPANS=all`` makes one span per unit of work. A request's is made when
+the request ends (``RequestServed``), from the push of its request context: the
+contexts Flask pushes to dispatch it (two on Flask <= 3.1) are folded into it,
+with four attributes, and so are anomalies of theirs seen before their pop. Any
+other context (an explicit ``with app.app_context()``, a task's) gets a span of
+its own, started and ended when it is popped, with the push time as its start;
+so does one of a request's own contexts that outlives the request (a streamed
+response, a leak). Either way the parent can be the server span OpenTelemetry's
+Flask instrumentation starts only after Flask pushed the request context (see
+``tracecarry``). The tracer provider's sampler decides as for any other span.
+Anomalies seen before the pop become events on the span; a leaked context's span
+is ended when the leak is found.
 
 An out-of-context access becomes an event on the current span when one is
 recording, else a short span ``ctxtrace.out_of_context_access`` of its own.
@@ -37,6 +43,7 @@ from ctxtrace._events import (
     ContextPushed,
     Event,
     OutOfContextAccess,
+    RequestServed,
 )
 from ctxtrace._version import VERSION
 from ctxtrace.core.counters import read_count
@@ -95,9 +102,11 @@ class SpanEmitter:
 
     name: Final = "spans"
 
-    def __init__(self, host: Host, mode: str) -> None:
+    def __init__(self, host: Host, mode: str, per_request: bool = False) -> None:
         self._host = host
         self._all = mode == "all"
+        # ``all`` mode with ``RequestServed`` events: a request's own contexts fold into its span.
+        self._per_request = per_request
         self._offset = time.time_ns() - time.monotonic_ns()
         self._tracer: trace.Tracer | None = None
         self._provider: Any = None
@@ -110,6 +119,11 @@ class SpanEmitter:
         self._pending = _Bounded(MAX_TRACKED)
         self._unit_environ = _Bounded(MAX_TRACKED)
         self._ended = _Bounded(MAX_TRACKED)
+        # One span per request: anomalies of its own contexts popped before it ended,
+        # and the requests that ended with one of them still pushed, by unit id.
+        self._folded = _Bounded(MAX_TRACKED)
+        self._open_units = _Bounded(MAX_TRACKED)
+        self._clean_routes: dict[str, str] = {}
         self._route_cache: dict[tuple[str, str], str] = {}
         self.dropped_counter = itertools.count()
         self._said_dropped = False
@@ -201,7 +215,8 @@ class SpanEmitter:
     def after_fork(self) -> None:
         """A forked child: nothing of the parent's is followed; its own provider if private."""
         self._lock = threading.Lock()  # may have been held by another thread at fork
-        for table in (self._pending, self._unit_environ, self._ended):
+        followed = (self._pending, self._unit_environ, self._ended, self._folded, self._open_units)
+        for table in followed:
             table.clear()
         self._offset = time.time_ns() - time.monotonic_ns()
         inherited, self.private = self.private, None
@@ -230,6 +245,8 @@ class SpanEmitter:
     def handle(self, event: Event) -> None:
         if isinstance(event, ContextPopped):
             self._popped(event)
+        elif isinstance(event, RequestServed):
+            self._request_span(event)
         elif isinstance(event, ContextPushed):
             self._pushed(event)
         elif isinstance(event, Anomaly):
@@ -249,10 +266,27 @@ class SpanEmitter:
         if self._ended.pop(info.id, None) is not None:
             return
         anomalies: Sequence[Anomaly] = self._pending.pop(info.id, ())
+        if self._folds(info):
+            unit = info.unit
+            if anomalies and unit is not None:
+                self._track(self._folded, unit.id, [*self._folded.get(unit.id, ()), *anomalies])
+            return
         end = self._epoch(info.pushed_ns) + int(event.duration_s * 1e9)
         self._context_span(info, event.carry, end, anomalies)
         if info.kind == "request" and info.unit is not None:
             self._unit_environ.pop(info.unit.id, None)
+
+    def _folds(self, info: ContextInfo) -> bool:
+        """Whether ``info`` is a request's own context whose span is its request's."""
+        unit = info.unit
+        return (
+            self._per_request
+            and unit is not None
+            and unit.kind == "request"
+            and info.site is not None
+            and info.site.endpoint is not None
+            and unit.id not in self._open_units
+        )
 
     def _anomaly(self, event: Anomaly) -> None:
         info = event.context
@@ -270,7 +304,7 @@ class SpanEmitter:
     def _track(self, table: _Bounded, key: int, value: Any) -> None:
         for _, evicted in table.put(key, value):
             next(self.dropped_counter)
-            if table is self._pending:
+            if table is self._pending or table is self._folded:
                 self._context_span(evicted[-1].context, evicted[-1].carry, None, evicted)
 
     # -- making spans -------------------------------------------------------------
@@ -298,9 +332,55 @@ class SpanEmitter:
             SPAN_NAMES.get(info.kind, "flask.app_context"),
             context=parent,
             kind=SpanKind.INTERNAL,
-            attributes=self._attributes(info, outcome, route),
+            attributes=(
+                self._attributes(info, outcome, route)
+                if anomalies
+                else self._healthy_attributes(info, route)
+            ),
             start_time=start,
         )
+        self._mark(span, anomalies)
+        span.end(end_time=end_ns if end_ns is not None else time.time_ns())
+
+    def _request_span(self, event: RequestServed) -> None:
+        """A request's one span: its own contexts' lifetime, four attributes, their anomalies."""
+        unit = event.unit
+        if event.open:
+            self._track(self._open_units, unit.id, True)
+        anomalies: Sequence[Anomaly] = self._folded.pop(unit.id, ())
+        tracer = self._tracer_now()
+        if tracer is None:
+            return
+        attributes: dict[str, Any] = {
+            "flask.app.name": event.app,
+            "flask.endpoint": unit.name,
+            "ctxtrace.contexts": event.contexts,
+        }
+        route = tracecarry.route_of(event.carry)
+        if route is not None:
+            attributes["http.route"] = self._clean_route(route)
+        start = self._epoch(event.pushed_ns)
+        span = tracer.start_span(
+            SPAN_NAMES["request"],
+            context=tracecarry.parent_context(event.carry),
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=start,
+        )
+        self._mark(span, anomalies)
+        span.end(end_time=start + int(event.duration_s * 1e9))
+
+    def _clean_route(self, route: str) -> str:
+        """The app's URL rule, cleaned like every name (longer bound), once per rule."""
+        clean = self._clean_routes.get(route)
+        if clean is None:
+            clean = safe_name(route, 512)
+            if len(self._clean_routes) < 4096:
+                self._clean_routes[route] = clean
+        return clean
+
+    def _mark(self, span: trace.Span, anomalies: Sequence[Anomaly]) -> None:
+        """Each anomaly as an event on ``span``, and the last one as its ERROR status."""
         if anomalies and span.is_recording():
             for anomaly in anomalies:
                 span.add_event(
@@ -311,7 +391,6 @@ class SpanEmitter:
             last = anomalies[-1]
             reason = f" ({last.reason})" if last.reason else ""
             span.set_status(Status(StatusCode.ERROR, f"{last.name}{reason}"))
-        span.end(end_time=end_ns if end_ns is not None else time.time_ns())
 
     def _request_environ(
         self, info: ContextInfo, carry: object, in_anomaly: bool
@@ -341,6 +420,22 @@ class SpanEmitter:
             self._route_cache[key] = route
         return route
 
+    def _healthy_attributes(self, info: ContextInfo, route: str | None) -> dict[str, Any]:
+        """A healthy context's span (``all`` mode, every explicit push): at most four
+        attributes, as each one costs on every span; the worker is on the Resource of
+        ctxtrace's own provider, the kind in the span's name."""
+        attributes: dict[str, Any] = {"flask.app.name": info.app}
+        site = info.site
+        if site is not None and site.endpoint is not None:
+            attributes["flask.endpoint"] = site.endpoint
+            if route is not None:
+                attributes["http.route"] = self._clean_route(route)
+        elif site is not None and site.file:
+            attributes["code.function.name"] = site.function
+            attributes["code.file.path"] = site.file
+            attributes["code.line.number"] = site.line
+        return attributes
+
     def _attributes(self, info: ContextInfo, outcome: str, route: str | None) -> dict[str, Any]:
         attributes: dict[str, Any] = {
             "flask.app.name": info.app,
@@ -361,8 +456,7 @@ class SpanEmitter:
                 attributes["code.file.path"] = site.file
                 attributes["code.line.number"] = site.line
         if route is not None:
-            # The app's URL rule: its text, cleaned like every name (longer bound).
-            attributes["http.route"] = safe_name(route, 512)
+            attributes["http.route"] = self._clean_route(route)
         return attributes
 
     @staticmethod

@@ -22,9 +22,12 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
 
 from ctxtrace import _agent
+from ctxtrace.core.flaskshape import detect
 from ctxtrace.telemetry import providers
 
 from .._support import clear_flask_stacks, line_of
+
+MERGED = detect().merged
 
 
 @pytest.fixture
@@ -247,26 +250,56 @@ class TestDefaultMode:
 
 
 class TestAllMode:
-    def test_every_context_is_a_span_under_the_server_span(
+    def test_a_request_is_one_span_under_the_server_span(
         self, instrumented: Any, traced_app: Flask, exporter: InMemorySpanExporter
     ) -> None:
-        """spans=all: the request context and Flask's own app context, both nested, popped."""
+        """spans=all: one span for the request, the app context Flask <= 3.1 pushes for it
+        folded in, with four attributes."""
         instrumented(metrics="none", spans="all")
         assert traced_app.test_client().get("/items/5").status_code == 200
         spans = exporter.get_finished_spans()
         server = _server(spans)
         (request_span,) = _named(spans, "flask.request_context")
-        (app_span,) = _named(spans, "flask.app_context")
-        for span in (request_span, app_span):
-            assert _child_of(span, server)
-            assert span.status.status_code == StatusCode.UNSET
-            assert dict(span.attributes or {})["ctxtrace.outcome"] == "popped"
-            assert span.start_time is not None and span.end_time is not None
-            assert span.end_time > span.start_time
-        assert dict(request_span.attributes or {})["http.route"] == "/items/<int:item_id>"
-        # Pushed in this order, as Flask does it.
-        assert app_span.start_time is not None and request_span.start_time is not None
-        assert app_span.start_time <= request_span.start_time
+        assert _named(spans, "flask.app_context") == []
+        assert _child_of(request_span, server)
+        assert request_span.status.status_code == StatusCode.UNSET
+        assert dict(request_span.attributes or {}) == {
+            "flask.app.name": "shop",
+            "flask.endpoint": "item",
+            "http.route": "/items/<int:item_id>",
+            "ctxtrace.contexts": 1 if MERGED else 2,
+        }
+        assert request_span.start_time is not None and request_span.end_time is not None
+        assert server.start_time is not None and server.end_time is not None
+        # The request's contexts live inside the server's own span.
+        assert server.start_time <= request_span.start_time < request_span.end_time
+        assert request_span.end_time <= server.end_time + 1_000_000
+
+    def test_an_explicit_pair_keeps_its_own_span(
+        self, instrumented: Any, traced_app: Flask, exporter: InMemorySpanExporter
+    ) -> None:
+        """spans=all: a view's ``with app.app_context()`` is a span of its own beside the
+        request's; the request's own contexts, which it made trackable, still fold."""
+
+        @traced_app.route("/nested")
+        def nested() -> str:
+            with traced_app.app_context():  # site: nested-pair
+                return "ok"
+
+        instrumented(metrics="none", spans="all")
+        assert traced_app.test_client().get("/nested").status_code == 200
+        spans = exporter.get_finished_spans()
+        (request_span,) = _named(spans, "flask.request_context")
+        (pair,) = _named(spans, "flask.app_context")
+        assert dict(request_span.attributes or {})["flask.endpoint"] == "nested"
+        assert dict(pair.attributes or {}) == {
+            "flask.app.name": "shop",
+            "code.function.name": nested.__qualname__,
+            "code.file.path": __file__,
+            "code.line.number": line_of(__file__, "nested-pair"),
+        }
+        assert pair.status.status_code == StatusCode.UNSET
+        assert _child_of(pair, _server(spans))
 
     def test_anomaly_becomes_an_event_on_the_context_span(
         self, instrumented: Any, traced_app: Flask, exporter: InMemorySpanExporter
@@ -279,6 +312,31 @@ class TestAllMode:
         assert [s.name for s in erroneous] == ["flask.app_context"]
         assert [e.name for e in erroneous[0].events] == ["ctxtrace.wrong_pop"]
         assert dict(erroneous[0].attributes or {})["ctxtrace.outcome"] == "wrong_pop"
+
+    @pytest.mark.parametrize(
+        ("path", "endpoint"),
+        [
+            ("/leaves-app-context/1", "leaves_app_context"),
+            ("/leaves-request-context/2", "leaves_request_context"),
+        ],
+    )
+    def test_an_anomaly_of_the_requests_own_context_marks_the_request_span(
+        self,
+        instrumented: Any,
+        traced_app: Flask,
+        exporter: InMemorySpanExporter,
+        path: str,
+        endpoint: str,
+    ) -> None:
+        """spans=all: Flask's pop of the request's own context, wrong because the view left
+        one pushed, is an event and an ERROR status on the request's one span."""
+        instrumented(metrics="none", spans="all")
+        with pytest.raises(AssertionError, match="Popped wrong"):
+            traced_app.test_client().get(path)
+        (request_span,) = _named(exporter.get_finished_spans(), "flask.request_context")
+        assert request_span.status.status_code == StatusCode.ERROR
+        assert [e.name for e in request_span.events] == ["ctxtrace.wrong_pop"]
+        assert dict(request_span.attributes or {})["flask.endpoint"] == endpoint
 
     def test_sampler_is_respected(
         self, instrumented: Any, app: Flask, monkeypatch: pytest.MonkeyPatch
@@ -415,3 +473,4 @@ def test_no_trace_no_ids(instrumented: Any, app: Flask, capsys: pytest.CaptureFi
     agent.ledger.settle_now()  # outside any unit: told at the sweep, or now
     (line,) = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert "trace_id" not in line and "span_id" not in line
+
