@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Final, Generic, TypeVar
 from ctxtrace.core.counters import ExactCounts
 
 if TYPE_CHECKING:
-    from ctxtrace._events import Outcome, Phase, Site
+    from ctxtrace._events import Outcome, Phase
 
-#: (proxy, site, phase): where an access happened, as the window tells them apart.
-AccessKey = tuple[str, "Site | None", "Phase"]
+#: (proxy, file, line, phase): where an access happened, as the windows tell them apart.
+AccessKey = tuple[str, str, int, "Phase"]
 T = TypeVar("T")
 #: Sites followed at once; past it the windows start over (more full reports; the metric
 #: still counts every access, a log summary may miss what was forgotten).
@@ -84,7 +84,7 @@ class AccessWindow(Generic[T]):
         if state is None:
             return 0
         if repeat and outcome in state.reported:
-            self.repeats.add((key[0], key[2], outcome))
+            self.repeats.add((key[0], key[3], outcome))
             counted = state.since.get(outcome)
             state.since[outcome] = (1 if counted is None else counted[0] + 1, access)
             return None

@@ -87,10 +87,9 @@ class Hooks:
         self.patches: list[Patch] = []
         self._names: dict[str, str] = {}
         self._stats_cache: dict[str, dict[Any, Any]] = {"app": {}, "request": {}}
-        self._lookup_codes = {
-            werkzeug.local._ProxyLookup.__get__.__code__,
-            werkzeug.local._ProxyLookup.__call__.__code__,
-        }
+        # Compared by identity: hashing a code object hashes its whole contents.
+        self._lookup_get = werkzeug.local._ProxyLookup.__get__.__code__
+        self._lookup_call = werkzeug.local._ProxyLookup.__call__.__code__
 
     # -- installing ---------------------------------------------------------
 
@@ -692,7 +691,8 @@ class Hooks:
     def _failed_lookup(self, proxy: str, exc: RuntimeError, above: int) -> None:
         """A lookup failed; ``above`` frames up from here is the code that made it."""
         caller = _caller_frame(above)
-        if caller is not None and caller.f_code in self._lookup_codes:
+        code = caller.f_code if caller is not None else None
+        if code is self._lookup_get or code is self._lookup_call:
             lookup = caller.f_locals.get("self")
             if getattr(lookup, "fallback", None) is not None:
                 # werkzeug answers this lookup itself (bool(current_app) is False).

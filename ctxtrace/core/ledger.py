@@ -52,7 +52,7 @@ from ctxtrace._events import (
     Unit,
 )
 from ctxtrace.core import sites
-from ctxtrace.core.accesses import AccessWindow
+from ctxtrace.core.accesses import AccessKey, AccessWindow
 from ctxtrace.core.counters import read_count
 from ctxtrace.core.names import safe_name
 from ctxtrace.core.records import (
@@ -72,6 +72,7 @@ from ctxtrace.core.records import (
     OWNER,
     P_AT,
     P_ERROR,
+    P_KEY,
     P_REPEAT,
     PUSHED,
     REF,
@@ -116,7 +117,7 @@ def _event(
     access: PendingAccess, outcome: Outcome, counted: int, summary: bool = False
 ) -> OutOfContextAccess:
     """The event of a pending access, now that its outcome is known."""
-    proxy, site, phase, thread_name, exc, unit, flight, at_ns, parent, carry, _ = access
+    proxy, site, phase, thread_name, exc, unit, flight, at_ns, parent, carry, _, _ = access
     return OutOfContextAccess(
         proxy=proxy,
         site=site,
@@ -1038,7 +1039,9 @@ class Ledger:
         thread = self._thread()
         unit = self._unit.get() or thread.unit
         now = self._clock()
-        if self._accesses.is_repeat((proxy, site, phase), now):
+        # The site's file and line (strings hash once): the window's key, hashed in C.
+        key: AccessKey = (proxy, site.file, site.line, phase) if site else (proxy, "", 0, phase)
+        if self._accesses.is_repeat(key, now):
             # Likely only counted: what nothing but a full report needs is left out.
             flight: tuple[FlightRecord, ...] = ()
             carry = None
@@ -1059,6 +1062,7 @@ class Ledger:
             now,
             parent_unit,
             carry,
+            key,
             repeat,
         )
         if unit is None or unit.finished:
@@ -1124,8 +1128,7 @@ class Ledger:
 
     def _tell(self, access: PendingAccess, outcome: Outcome) -> None:
         """Report an access whose outcome is known, or only count it (``core.accesses``)."""
-        key = (access[0], access[1], access[2])
-        counted = self._accesses.tell(key, outcome, access[P_REPEAT], access)
+        counted = self._accesses.tell(access[P_KEY], outcome, access[P_REPEAT], access)
         if counted is not None:
             self._emit(_event(access, outcome, counted))
 

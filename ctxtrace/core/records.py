@@ -16,6 +16,7 @@ from typing import Any, Final, TypeAlias
 
 from ctxtrace._config import default_of
 from ctxtrace._events import ANOMALY_KINDS, ContextInfo, FlightRecord, Kind, Phase, Site, Unit
+from ctxtrace.core.accesses import AccessKey
 from ctxtrace.core.names import safe_name
 
 
@@ -75,12 +76,14 @@ class Stats:
 #: its outcome is known. The indices are named here.
 PendingAccess: TypeAlias = tuple[
     str, "Site | None", "Phase", str, BaseException, "Unit | None",
-    "tuple[FlightRecord, ...]", int, "Unit | None", object, bool,
+    "tuple[FlightRecord, ...]", int, "Unit | None", object, "AccessKey", bool,
 ]
 P_ERROR: Final = 4
 P_AT: Final = 7
-#: Whether the access repeats one its site's window reported (``core.accesses``).
-P_REPEAT: Final = 10
+#: Its key in the report windows, and whether it repeats one its window reported
+#: (``core.accesses``).
+P_KEY: Final = 10
+P_REPEAT: Final = 11
 
 
 class ThreadState:
