@@ -71,6 +71,7 @@ _MAX_CACHED: Final = 4096
 _MAX_LINES: Final = 256
 _lock = threading.Lock()
 _LIBRARY_RESULT: Final = (LIBRARY, None)
+_SYS: Final = vars(sys)
 _STREAM_RESULT: Final = (STREAM, None)
 
 
@@ -189,7 +190,8 @@ def caught_by_application(exc: BaseException) -> bool:
     ``sys.last_value``; one caught by a library's frame (a server's import of
     the app, a thread's bootstrap) reached a framework, not the application.
     """
-    if exc is getattr(sys, "last_value", None):
+    # The module's dict, not getattr: a missing attribute costs an AttributeError.
+    if exc is _SYS.get("last_value"):
         return False
     tb = exc.__traceback__
     if tb is None:
