@@ -72,6 +72,11 @@ _MAX_LINES: Final = 256
 _lock = threading.Lock()
 _LIBRARY_RESULT: Final = (LIBRARY, None)
 _SYS: Final = vars(sys)
+#: ``importlib._bootstrap._module_locks`` (CPython 3.3+): name -> lock of each module
+#: being imported. If a Python lacks it, the stand-in is never empty: always walk.
+_MODULE_LOCKS: Final[dict[str, object]] = getattr(
+    sys.modules["importlib._bootstrap"], "_module_locks", {"": None}
+)
 _STREAM_RESULT: Final = (STREAM, None)
 
 
@@ -162,7 +167,14 @@ def caller(depth: int) -> tuple[int, Site | None]:
 
 
 def is_import_time(depth: int) -> bool:
-    """Whether module-level code of a module being imported is on the stack."""
+    """Whether module-level code of a module being imported is on the stack.
+
+    The import system holds a module lock for each module it imports, whatever
+    the loader: with none held anywhere, nothing is being imported, and the walk
+    down the whole stack is skipped (the common case once the app runs).
+    """
+    if not _MODULE_LOCKS:
+        return False
     frame: FrameType | None = sys._getframe(depth)
     while frame is not None:
         if frame.f_code.co_name == "<module>":
