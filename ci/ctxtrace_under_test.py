@@ -43,10 +43,12 @@ OPTIONS: Final = {
     "long_lived_request": 2.0,
     "repair": False,
     "metrics": "none",
-    # Every push and pop becomes an event (and goes through the span emitter):
-    # the most agent code on the suite's path, and pushes the runner can count.
+    # Every tracked push and pop becomes an event and every request a span: the
+    # most agent code on the suite's path.
     "spans": "all",
-    "log_rate_window": 60.0,
+    # The runner attributes each out-of-context access to its test: each must be an
+    # event, not a repeat counted inside the site's report window.
+    "log_rate_window": "off",
 }
 _COLLECTING: Final = "<collection>"
 
