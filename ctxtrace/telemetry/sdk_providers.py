@@ -41,6 +41,7 @@ from ctxtrace.telemetry.providers import (
 )
 
 if TYPE_CHECKING:
+    from ctxtrace.telemetry.hostscrape import HostScrape
     from ctxtrace.telemetry.prometheus import Endpoint
 
 
@@ -355,7 +356,7 @@ def _millis(environ: Mapping[str, str], key: str, default: float) -> float:
 
 
 class PrivateMetrics(_Owned):
-    """A MeterProvider ctxtrace built for itself: readers, endpoint, push schedule."""
+    """A MeterProvider ctxtrace built for itself: readers, endpoints, push schedule."""
 
     component = "metrics"
 
@@ -369,20 +370,25 @@ class PrivateMetrics(_Owned):
         prometheus_reader: MetricReader | None = None,
         exporters: Sequence[_Guard] = (),
         record: RecordError = lambda component, exc: None,
+        host_scrape: HostScrape | None = None,
     ) -> None:
         super().__init__(exporters, record)
         self.provider = provider
         self.push_readers = push_readers
         self.endpoint = endpoint
+        self.host_scrape = host_scrape
         self.prometheus_reader = prometheus_reader
         self.interval_s = interval_s
         self.timeout_s = timeout_s
 
     def push(self, timeout_s: float | None = None) -> None:
-        """Collect and export once on every push reader (OTLP, console)."""
+        """Collect and export once on every push reader (OTLP, console), and write this
+        process's file for the host's address."""
         millis = (self.timeout_s if timeout_s is None else max(timeout_s, 0.001)) * 1000
         for reader in self.push_readers:
             reader.collect(timeout_millis=millis)
+        if self.host_scrape is not None:
+            self.host_scrape.write()
 
     def flush(self, timeout_s: float) -> None:
         """``push`` within ``timeout_s``, however long the exporters take."""
@@ -404,11 +410,15 @@ class PrivateMetrics(_Owned):
             # Here, not on that thread: the port is free once this returns.
             if self.endpoint is not None:
                 self.endpoint.close()
+            if self.host_scrape is not None:
+                self.host_scrape.close()
 
     def abandon_inherited(self) -> None:
         """In a forked child, after the fork: drop the parent's copy, export nothing."""
         if self.endpoint is not None:
             self.endpoint.abandon()
+        if self.host_scrape is not None:
+            self.host_scrape.close()  # in a child: descriptors only, the files are the parent's
         if self.prometheus_reader is not None:
             # Only unregisters its collector from its registry: no collection.
             self.prometheus_reader.shutdown()
@@ -425,6 +435,7 @@ def build_metrics(
     readers: list[MetricReader] = []
     push_readers: list[PeriodicExportingMetricReader] = []
     endpoint: Endpoint | None = None
+    host_scrape: HostScrape | None = None
     pull: MetricReader | None = None
     guarded: list[_Guard] = []
     timeout_ms = _millis(environ, OTEL_METRIC_EXPORT_TIMEOUT, 30_000.0)
@@ -432,14 +443,9 @@ def build_metrics(
         component = f"exporter.metrics.{name}"
         try:
             if name == "prometheus":
-                if endpoint is None:
-                    # prometheus_client loads only for this exporter.
-                    from ctxtrace.telemetry.prometheus import serve  # noqa: PLC0415
-
-                    endpoint, pull = serve(worker, config)
+                if pull is None:
+                    pull, endpoint, host_scrape = _prometheus(worker, config, record)
                     readers.append(pull)
-                    if endpoint.file_error is not None:
-                        record(component, endpoint.file_error)
                 continue
             exporter = GuardedMetricExporter(
                 load_exporter(name, "metrics", environ)(), component, record
@@ -473,5 +479,34 @@ def build_metrics(
         prometheus_reader=pull,
         exporters=guarded,
         record=record,
+        host_scrape=host_scrape,
     )
+
+
+def _prometheus(
+    worker: str, config: Config, record: RecordError
+) -> tuple[MetricReader, Endpoint | None, HostScrape | None]:
+    """The Prometheus reader, and what serves it (``CTXTRACE_PROMETHEUS_SCRAPE``).
+
+    The host's address first: in ``both`` the first process takes the first port.
+    """
+    # prometheus_client loads only for this exporter.
+    from ctxtrace.telemetry import hostscrape, prometheus  # noqa: PLC0415
+
+    registry, pull = prometheus.reader()
+    host_scrape: HostScrape | None = None
+    endpoint: Endpoint | None = None
+    try:
+        if config.prometheus_scrape in ("host", "both"):
+            host_scrape = hostscrape.HostScrape(registry, worker, config, record)
+        if config.prometheus_scrape in ("worker", "both"):
+            endpoint = prometheus.serve(registry, worker, config)
+            if endpoint.file_error is not None:
+                record("exporter.metrics.prometheus", endpoint.file_error)
+    except BaseException:
+        if host_scrape is not None:
+            host_scrape.close()
+        pull.shutdown()
+        raise
+    return pull, endpoint, host_scrape
 
