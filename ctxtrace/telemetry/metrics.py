@@ -340,13 +340,17 @@ class MetricsEmitter:
         """Record what waits and hand the last numbers over, then let go of the meter.
 
         The instruments stay bound until after the final export: a reader that
-        collects at shutdown still sees every count.
+        collects at shutdown still sees every count. A forked child that ends before
+        its drain thread built its provider (a gunicorn worker retired within a
+        second) builds it now, so that its counts are exported.
         """
         deadline = time.monotonic() + timeout_s
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(0.0, min(timeout_s, DRAIN_INTERVAL_S * 2)))
+        if self._inherited is not None:
+            self._rebuild_after_fork()
         private, self.private = self.private, None
         try:
             self.feed.drain(budget=False)

@@ -58,9 +58,27 @@ def load_exporter(name: str, signal: str, environ: Mapping[str, str]) -> Any:
     raise LookupError(f"no {group} entry point named {wanted!r} (is its package installed?)")
 
 
+#: The resource last detected in this process (or, before a fork, in its parent).
+_last_resource: Resource | None = None
+
+
 def resource(worker: str) -> Resource:
-    """The environment's resource, with this worker as ``service.instance.id``."""
-    return Resource.create({"service.instance.id": worker})
+    """The environment's resource, with this worker as ``service.instance.id``.
+
+    The SDK runs its detectors on a thread pool, which a process at interpreter
+    exit can no longer start; a forked worker that ends before its first tick
+    builds its provider then, to hand over its last counts. It takes the resource
+    last detected (here or in its parent) with its own instance id.
+    """
+    global _last_resource
+    instance = Resource({"service.instance.id": worker})
+    try:
+        _last_resource = Resource.create(dict(instance.attributes))
+    except RuntimeError:
+        if _last_resource is None:
+            raise
+        return _last_resource.merge(instance)
+    return _last_resource
 
 
 # -- guarded exporters ------------------------------------------------------------
