@@ -273,8 +273,9 @@ OPTIONS: Final[tuple[Option, ...]] = (
     ),
     Option(
         "prometheus_scrape", _choice("host", "worker", "both"), "worker", "host, worker or both",
-        "host: one /metrics per host serves every process's series (the default under ctxtrace"
-        " run); worker: each process serves its own, found through file_sd; both: the two.",
+        "host: one /metrics per host serves every process's series (ctxtrace run's default,"
+        " unless CTXTRACE_PROMETHEUS_TARGETS_DIR is set); worker: each process serves its own,"
+        " found through file_sd; both: the two.",
     ),
     Option(
         "prometheus_host", _host, "127.0.0.1", "an IP address or an ASCII host name",

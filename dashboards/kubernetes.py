@@ -113,6 +113,9 @@ def deployment(config: Mapping[str, Any]) -> dict[str, Any]:
         # (and counts it in ctxtrace_internal_errors_total) rather than one nobody scrapes.
         "PROMETHEUS_PORT": f"{ports[0][1]}-{ports[-1][1]}",
         "METRICS": "prometheus",
+        # An endpoint per process, one declared port each (ctxtrace run's default is one
+        # address for all of them).
+        "PROMETHEUS_SCRAPE": "worker",
     }
     container = {
         "name": APP,
