@@ -35,20 +35,22 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CollectorRegistry, Metric
+from prometheus_client import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ctxtrace.telemetry.prometheus import (
     MAX_SCAN,
     Endpoint,
+    WorkerLabelled,
     bind,
     locked_by_someone,
     open_small_file,
+    registry_of,
 )
-from ctxtrace.telemetry.spool import SUFFIX, Spool, WorkerLabelled, lock_name
+from ctxtrace.telemetry.spool import SUFFIX, Spool, lock_name
 
 if TYPE_CHECKING:
     from ctxtrace._config import Config
@@ -219,18 +221,15 @@ def claim(folder: Path) -> int | None:
 class HostScrape:
     """This process's part in the host's address: its file, and the address while it serves."""
 
-    def __init__(
-        self, registry: Any, worker: str, config: Config, record: RecordError
-    ) -> None:
-        self.worker = worker
+    def __init__(self, own: WorkerLabelled, config: Config, record: RecordError) -> None:
         self.folder = Path(config.prometheus_spool_dir) if config.prometheus_spool_dir else (
             private_folder()
         )
         self.folder.mkdir(parents=True, exist_ok=True)
         self._config = config
         self._record = record
-        self.own = WorkerLabelled(registry, lambda: self.worker)
-        self.spool = Spool(self.folder, self.own, worker)
+        self.own = own
+        self.spool = Spool(self.folder, own, own.worker)
         self.endpoint: Endpoint | None = None
         self._server_fd: int | None = None
         self._next_write = 0.0
@@ -245,8 +244,7 @@ class HostScrape:
         if fd is None:
             return
         config = self._config
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(
+        registry = registry_of(
             HostCollector(self.folder, self.own, lambda: self.spool.name, config.prometheus_retain)
         )
         try:
@@ -271,7 +269,7 @@ class HostScrape:
         self.spool.write()
 
     def rename(self, worker: str) -> None:
-        self.worker = worker
+        """The process's label changed (``own`` says the new one): so does its file's name."""
         self.spool.rename(worker)
 
     def close(self) -> None:

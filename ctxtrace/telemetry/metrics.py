@@ -392,14 +392,17 @@ class MetricsEmitter:
             )
 
     def renamed(self) -> None:
-        """The worker's label changed: its target file and its spool file say the new one."""
+        """The worker's label changed: its series, its target file and its spool file say so."""
         private = self.private
         if private is None:
             return
+        worker = self._host.worker
+        if private.labelled is not None:
+            private.labelled.worker = worker
         if private.endpoint is not None:
-            private.endpoint.rename(self._host.worker)
+            private.endpoint.rename(worker)
         if private.host_scrape is not None:
-            private.host_scrape.rename(self._host.worker)
+            private.host_scrape.rename(worker)
 
     def after_fork(self) -> None:
         """A forked child: its own identity, counts from zero, its own endpoint and thread."""

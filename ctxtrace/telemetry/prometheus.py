@@ -42,12 +42,20 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from prometheus_client import REGISTRY, CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Metric,
+    ProcessCollector,
+    make_wsgi_app,
+)
+from prometheus_client.registry import Collector
 
 from ctxtrace.telemetry.pids import alive
 
@@ -508,8 +516,39 @@ def add_process_metrics(registry: Any) -> None:
     ProcessCollector(registry=registry)
 
 
-def reader() -> tuple[Any, PrometheusMetricReader]:
-    """A Prometheus reader on a registry of its own, with the process metrics: both."""
+class WorkerLabelled(Collector):
+    """A registry's families, every sample with this process's ``worker`` label.
+
+    The OpenTelemetry series have theirs already; prometheus_client's process
+    metrics and ``target_info`` get it here. On one address per host it is what
+    tells the processes apart (file_sd used to add it as a target label), and the
+    alert rules join each worker's ``process_start_time_seconds`` on it. ``worker``
+    changes when a process learns its role after it started.
+    """
+
+    def __init__(self, registry: Any, worker: str) -> None:
+        self._registry = registry
+        self.worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        worker = self.worker
+        for family in self._registry.collect():
+            family.samples = [
+                s if "worker" in s.labels else s._replace(labels={**s.labels, "worker": worker})
+                for s in family.samples
+            ]
+            yield family
+
+
+def registry_of(collector: Collector) -> CollectorRegistry:
+    """A registry serving ``collector`` (what ``make_wsgi_app`` wants)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def reader(worker: str) -> tuple[WorkerLabelled, PrometheusMetricReader]:
+    """A Prometheus reader on a registry of its own, with the process metrics, labelled."""
     # A registry per reader: restarts (and forks) make several in one process,
     # and one registry would serve them all at once.
     registry: Any = CollectorRegistry(auto_describe=False)
@@ -519,17 +558,17 @@ def reader() -> tuple[Any, PrometheusMetricReader]:
         # Exporter releases before the ``registry`` keyword (spring 2026) always
         # register in the default registry; an abandoned reader must then be shut
         # down (unregistered) before the next one starts.
-        return REGISTRY, PrometheusMetricReader()
+        return WorkerLabelled(REGISTRY, worker), PrometheusMetricReader()
     add_process_metrics(registry)
-    return registry, pull
+    return WorkerLabelled(registry, worker), pull
 
 
-def serve(registry: Any, worker: str, config: Config) -> Endpoint:
-    """``registry`` served on this worker's own endpoint, with its file_sd target file."""
-    endpoint = bind(registry, config.prometheus_host, config.prometheus_port)
+def serve(labelled: WorkerLabelled, config: Config) -> Endpoint:
+    """This worker's own endpoint, with its file_sd target file."""
+    endpoint = bind(registry_of(labelled), config.prometheus_host, config.prometheus_port)
     if config.prometheus_targets_dir:
         try:
-            endpoint.write_target_file(Path(config.prometheus_targets_dir), worker)
+            endpoint.write_target_file(Path(config.prometheus_targets_dir), labelled.worker)
         except OSError as exc:
             # The endpoint serves on without its file: Prometheus can still be
             # pointed at it, and the caller counts the failure.

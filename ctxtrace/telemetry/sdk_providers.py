@@ -42,7 +42,7 @@ from ctxtrace.telemetry.providers import (
 
 if TYPE_CHECKING:
     from ctxtrace.telemetry.hostscrape import HostScrape
-    from ctxtrace.telemetry.prometheus import Endpoint
+    from ctxtrace.telemetry.prometheus import Endpoint, WorkerLabelled
 
 
 class ExportFailed(RuntimeError):
@@ -389,12 +389,15 @@ class PrivateMetrics(_Owned):
         exporters: Sequence[_Guard] = (),
         record: RecordError = lambda component, exc: None,
         host_scrape: HostScrape | None = None,
+        labelled: WorkerLabelled | None = None,
     ) -> None:
         super().__init__(exporters, record)
         self.provider = provider
         self.push_readers = push_readers
         self.endpoint = endpoint
         self.host_scrape = host_scrape
+        #: What the Prometheus endpoints serve, with the worker label they add.
+        self.labelled = labelled
         self.prometheus_reader = prometheus_reader
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -454,6 +457,7 @@ def build_metrics(
     push_readers: list[PeriodicExportingMetricReader] = []
     endpoint: Endpoint | None = None
     host_scrape: HostScrape | None = None
+    labelled: WorkerLabelled | None = None
     pull: MetricReader | None = None
     guarded: list[_Guard] = []
     timeout_ms = _millis(environ, OTEL_METRIC_EXPORT_TIMEOUT, 30_000.0)
@@ -462,7 +466,7 @@ def build_metrics(
         try:
             if name == "prometheus":
                 if pull is None:
-                    pull, endpoint, host_scrape = _prometheus(worker, config, record)
+                    pull, labelled, endpoint, host_scrape = _prometheus(worker, config, record)
                     readers.append(pull)
                 continue
             exporter = GuardedMetricExporter(
@@ -498,12 +502,13 @@ def build_metrics(
         exporters=guarded,
         record=record,
         host_scrape=host_scrape,
+        labelled=labelled,
     )
 
 
 def _prometheus(
     worker: str, config: Config, record: RecordError
-) -> tuple[MetricReader, Endpoint | None, HostScrape | None]:
+) -> tuple[MetricReader, WorkerLabelled, Endpoint | None, HostScrape | None]:
     """The Prometheus reader, and what serves it (``CTXTRACE_PROMETHEUS_SCRAPE``).
 
     The host's address first: in ``both`` the first process takes the first port.
@@ -511,14 +516,14 @@ def _prometheus(
     # prometheus_client loads only for this exporter.
     from ctxtrace.telemetry import hostscrape, prometheus  # noqa: PLC0415
 
-    registry, pull = prometheus.reader()
+    labelled, pull = prometheus.reader(worker)
     host_scrape: HostScrape | None = None
     endpoint: Endpoint | None = None
     try:
         if config.prometheus_scrape in ("host", "both"):
-            host_scrape = hostscrape.HostScrape(registry, worker, config, record)
+            host_scrape = hostscrape.HostScrape(labelled, config, record)
         if config.prometheus_scrape in ("worker", "both"):
-            endpoint = prometheus.serve(registry, worker, config)
+            endpoint = prometheus.serve(labelled, config)
             if endpoint.file_error is not None:
                 record("exporter.metrics.prometheus", endpoint.file_error)
     except BaseException:
@@ -526,5 +531,4 @@ def _prometheus(
             host_scrape.close()
         pull.shutdown()
         raise
-    return pull, endpoint, host_scrape
-
+    return pull, labelled, endpoint, host_scrape

@@ -7,8 +7,7 @@ convention, written with prometheus_client's ``write_to_textfile`` (a temporary
 file renamed into place, so a reader never sees half a file). The process that
 serves the host's address (``hostscrape.py``) reads these files back with
 prometheus_client's parser. Every series carries its ``worker`` label in the
-file: the process metrics (``process_start_time_seconds``...) get theirs here,
-where file_sd used to add it as a target label.
+file (``prometheus.WorkerLabelled``).
 
 Whether a file's process lives is told by a lock, as for the file_sd targets:
 each writer holds an ``flock`` on ``.<worker>.lock`` from its first write to its
@@ -21,11 +20,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-from prometheus_client import Metric, write_to_textfile
+from prometheus_client import write_to_textfile
 from prometheus_client.registry import Collector
 
 from ctxtrace.telemetry.prometheus import target_file_name
@@ -42,28 +40,6 @@ def spool_name(worker: str) -> str:
 def lock_name(name: str) -> str:
     """The lock file beside a process's file (hidden: no reader takes it for one)."""
     return f".{name.removesuffix(SUFFIX)}.lock"
-
-
-class WorkerLabelled(Collector):
-    """A registry's families, every sample with a ``worker`` label.
-
-    The OpenTelemetry series have theirs already; prometheus_client's process
-    metrics and ``target_info`` get the process's, read at each collection
-    because a process learns its role (and so its label) after it started.
-    """
-
-    def __init__(self, registry: Any, worker: Callable[[], str]) -> None:
-        self._registry = registry
-        self._worker = worker
-
-    def collect(self) -> Iterator[Metric]:
-        worker = self._worker()
-        for family in self._registry.collect():
-            family.samples = [
-                s if "worker" in s.labels else s._replace(labels={**s.labels, "worker": worker})
-                for s in family.samples
-            ]
-            yield family
 
 
 class Spool:

@@ -256,7 +256,7 @@ def test_rq_horses_are_served_after_their_os_exit(tmp_path: Path) -> None:
 
                 def served() -> bool:
                     try:
-                        return _horses(series(_get(host)), process.pid) == expected
+                        return bool(_horses(series(_get(host)), process.pid) == expected)
                     except OSError:
                         return False
 

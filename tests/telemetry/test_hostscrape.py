@@ -17,7 +17,8 @@ from ctxtrace import _agent
 from ctxtrace.telemetry import hostscrape
 from ctxtrace.telemetry import metrics as _metrics
 from ctxtrace.telemetry.hostscrape import HostCollector, claim
-from ctxtrace.telemetry.spool import Spool, WorkerLabelled
+from ctxtrace.telemetry.prometheus import WorkerLabelled
+from ctxtrace.telemetry.spool import Spool
 
 from .._exposition import Series, series, small_registry
 
@@ -29,7 +30,7 @@ def _host(folder: Path, own: Any, own_name: str, retain_s: float = 60.0) -> Seri
 
 
 def _labelled(count: float, worker: str) -> WorkerLabelled:
-    return WorkerLabelled(small_registry(count), lambda: worker)
+    return WorkerLabelled(small_registry(count), worker)
 
 
 def test_the_host_serves_each_process_as_its_own_endpoint_would(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from ctxtrace.telemetry.spool import Spool, WorkerLabelled, lock_name, spool_name
+from ctxtrace.telemetry.prometheus import WorkerLabelled
+from ctxtrace.telemetry.spool import Spool, lock_name, spool_name
 
 from .._exposition import series, small_registry
 
@@ -30,11 +31,11 @@ def _held(path: Path) -> bool:
 
 def test_every_series_carries_its_worker(tmp_path: Path) -> None:
     """Series without a worker label get the process's, read at each write."""
-    label = ["h:1:process"]
-    spool = Spool(tmp_path, WorkerLabelled(_registry(), lambda: label[0]), "h:1:process")
+    labelled = WorkerLabelled(_registry(), "h:1:process")
+    spool = Spool(tmp_path, labelled, "h:1:process")
     spool.write()
     assert spool.path == tmp_path / "h_1_process.prom"
-    label[0] = "h:1:gunicorn"
+    labelled.worker = "h:1:gunicorn"
     spool.write()
     assert series(spool.path.read_text()) == {
         ("ctxtrace_contexts_total", (("kind", "request"), ("worker", "h:1:gunicorn"))): 3.0,
