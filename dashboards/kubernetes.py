@@ -10,7 +10,9 @@ master and each worker) binds the first free port of ``CTXTRACE_PROMETHEUS_PORT`
 serves its own ``/metrics`` there. Kubernetes declares ports one by one, so the
 Deployment declares the range (one named port per process: the master's and one per
 worker) and sets ``CTXTRACE_PROMETHEUS_PORT`` to exactly that range; the PodMonitor
-scrapes each named port. One address per pod is not built yet.
+scrapes each named port. The Deployment says ``CTXTRACE_PROMETHEUS_SCRAPE=worker``:
+under ``ctxtrace run`` the default is one address per pod (one port), which these
+manifests do not use yet.
 """
 
 from __future__ import annotations

@@ -37,8 +37,9 @@ WORKERS = 4
 MAX_REQUESTS = 5
 REQUESTS = 48
 DOUBLE_POPS = 6
-#: Seconds the host serves a retired worker's series.
-RETAIN_S = 6.0
+#: Seconds the host serves a retired worker's series: longer than the whole run takes on a
+#: loaded machine, or the first retired workers would be gone before the host is scraped.
+RETAIN_S = 25.0
 #: Ports for the host's address (the first) and each process's own endpoint.
 PORTS = 40
 #: Process metrics that move by themselves between two scrapes: compared by presence.
@@ -265,3 +266,59 @@ def test_rq_horses_are_served_after_their_os_exit(tmp_path: Path) -> None:
                 stop(process, group=True)
         finally:
             connection.close()
+
+
+CELERY_TASKS = 8
+
+
+def test_celery_pool_processes_are_served_through_retirements(tmp_path: Path) -> None:
+    """``celery worker`` with a prefork pool whose processes are replaced every 2 tasks:
+    the main process's address has every pool process's app contexts, exactly, the
+    retired ones' included (flushed as they leave by ``os._exit``)."""
+    from celery import Celery  # noqa: PLC0415 - only this test needs the client
+
+    from ..fixtures import celery_tasks  # noqa: PLC0415
+
+    first = _free_range(1)
+    with redis_server(tmp_path) as url:
+        queue = "ctxtrace-host-scrape"
+        process = ctxtrace_run(
+            [str(BIN / "celery"), "-A", "tests.fixtures.celery_tasks", "worker",
+             "--pool=prefork", "--concurrency=2", "--max-tasks-per-child=2",
+             "--without-gossip", "--without-mingle", "--without-heartbeat",
+             "--loglevel=WARNING", "-Q", queue, "-n", f"host-scrape-{first}@127.0.0.1"],
+            tmp_path / "celery.log",
+            sets=("prometheus_scrape=host", f"prometheus_port={first}"),
+            env={celery_tasks.REDIS_ENV: url, celery_tasks.QUEUE_ENV: queue},
+        )
+        client = Celery("ctxtrace_host_scrape_client", broker=url, backend=url)
+        try:
+            results = [
+                client.send_task("ctxtrace_tests.with_context", queue=queue)
+                for _ in range(CELERY_TASKS)
+            ]
+            for result in results:
+                assert result.get(timeout=60) == "celery-shop"
+            host = f"http://127.0.0.1:{first}/metrics"
+
+            def counted() -> dict[str, float] | None:
+                try:
+                    samples = series(_get(host))
+                except OSError:
+                    return None
+                found = {
+                    dict(labels)["worker"]: value
+                    for (name, labels), value in samples.items()
+                    if name == "ctxtrace_contexts_total"
+                    and dict(labels).get("app") == "celery-shop"
+                    and dict(labels)["kind"] == "app"
+                }
+                return found if sum(found.values()) == CELERY_TASKS else None
+
+            pools = wait_until(counted, timeout=20, interval=0.5, what="every task's context")
+            # Two tasks a process: at least four pool processes served them.
+            assert len(pools) >= CELERY_TASKS // 2
+            assert all(f":{process.pid}:" not in worker for worker in pools)
+        finally:
+            client.close()
+            stop(process, group=True)
