@@ -154,3 +154,21 @@ def test_the_private_folder_goes_with_its_maker(instrumented: Any) -> None:
     assert folder.is_dir() and folder == hostscrape.private_folder()
     ctxtrace.uninstrument()
     assert not folder.exists()
+
+
+def test_leftovers_of_dead_writers_are_swept(tmp_path: Path) -> None:
+    """A temporary file and a lone lock of a process that died mid-write go once older than
+    retain; the lone lock of a live process that has not written yet stays."""
+    leftovers = [tmp_path / "h_8_x.prom.8.140", tmp_path / ".h_8_x.lock"]
+    for path in leftovers:
+        path.write_text("")
+        old = time.time() - 61
+        os.utime(path, (old, old))
+    starting = Spool(tmp_path, _labelled(9, "h:9:x"), "h:9:x")
+    starting.write()
+    starting.path.unlink()  # as if between taking its lock and its first write
+    old = time.time() - 61
+    os.utime(tmp_path / ".h_9_x.lock", (old, old))
+    _host(tmp_path, _labelled(1, "h:1:x"), "h_1_x.prom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".h_9_x.lock"]
+    starting.close()
