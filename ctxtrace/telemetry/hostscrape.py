@@ -50,6 +50,7 @@ from ctxtrace.telemetry.prometheus import (
     open_small_file,
     registry_of,
 )
+from ctxtrace.telemetry.providers import RecordError
 from ctxtrace.telemetry.spool import SUFFIX, Spool, lock_name
 
 if TYPE_CHECKING:
@@ -63,8 +64,6 @@ RETRY_BIND_S: Final = 10.0
 MAX_SPOOL_FILE: Final = 4 * 1024 * 1024
 #: The lock the serving process holds.
 SERVER_LOCK: Final = ".server.lock"
-
-RecordError = Callable[[str, BaseException], object]
 
 _private_folder: Path | None = None
 _private_owner = 0

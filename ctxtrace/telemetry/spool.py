@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import Final
 
@@ -30,6 +31,8 @@ from ctxtrace.telemetry.prometheus import target_file_name
 
 #: The suffix of a process's file (node_exporter's textfile collector reads the same).
 SUFFIX: Final = ".prom"
+#: Attempts, a millisecond apart, at a process's own lock before a write gives up.
+LOCK_TRIES: Final = 100
 
 
 def spool_name(worker: str) -> str:
@@ -68,12 +71,19 @@ class Spool:
     def _lock(path: Path) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            # Blocking: the server holds it only for a look (a shared lock, microseconds).
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            # The server holds it only for a look (a shared lock, microseconds); a
+            # holder that keeps it longer costs this write, never the metrics thread.
+            for _ in range(LOCK_TRIES):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    time.sleep(0.001)
+                else:
+                    return fd
+            raise TimeoutError(f"{path} stays locked by another process")
         except BaseException:
             os.close(fd)
             raise
-        return fd
 
     def rename(self, worker: str) -> None:
         """The process's label changed: the next write goes to its new file, the old one goes."""

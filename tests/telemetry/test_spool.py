@@ -6,6 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from ctxtrace.telemetry.prometheus import WorkerLabelled
@@ -79,4 +80,22 @@ def test_forked_child_closing_keeps_the_parents_lock(tmp_path: Path) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert _held(tmp_path / lock_name(spool.name)) and spool.path.exists()
+    spool.close()
+
+
+def test_a_lock_held_by_another_costs_the_write_not_the_thread(tmp_path: Path) -> None:
+    """Someone keeping the writer's lock: the write fails within a bound, then succeeds."""
+    spool = Spool(tmp_path, _registry(), "h:5:gunicorn")
+    lock = tmp_path / lock_name(spool.name)
+    lock.write_text("")
+    fd = os.open(lock, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        with pytest.raises(TimeoutError):
+            spool.write()
+        assert not spool.path.exists()
+    finally:
+        os.close(fd)
+    spool.write()
+    assert spool.path.exists() and _held(lock)
     spool.close()
