@@ -50,7 +50,6 @@ from ctxtrace.telemetry.prometheus import (
     open_small_file,
     registry_of,
 )
-from ctxtrace.telemetry.providers import RecordError
 from ctxtrace.telemetry.spool import SUFFIX, Spool, lock_name
 
 if TYPE_CHECKING:
@@ -64,6 +63,10 @@ RETRY_BIND_S: Final = 10.0
 MAX_SPOOL_FILE: Final = 4 * 1024 * 1024
 #: The lock the serving process holds.
 SERVER_LOCK: Final = ".server.lock"
+
+#: ``providers.RecordError``, not imported: ``providers`` loads (lazily) the module
+#: that imports this one, and the architecture allows that one cycle only.
+RecordError = Callable[[str, BaseException], object]
 
 _private_folder: Path | None = None
 _private_owner = 0

@@ -434,12 +434,17 @@ class MetricsEmitter:
         self._start_thread()
 
     def _rebuild_after_fork(self) -> None:
-        """First tick in a forked child: a private provider, endpoint and file of its own."""
+        """First tick (or flush, or stop) in a forked child: a private provider, endpoint and
+        file of its own. Never raises: a stop or a flush goes on without one."""
         with self._rebuild_lock:
             inherited, self._inherited = self._inherited, None
-            if inherited is not None:
+            if inherited is None:
+                return
+            try:
                 inherited.abandon_inherited()
                 self._choose_meter()
+            except Exception as exc:
+                self._host.errors.record(self.name, exc)
 
     # -- reading, at collection ---------------------------------------------
 
