@@ -463,25 +463,32 @@ def _check_at_start(config: Config) -> None:
                 "CTXTRACE_PROMETHEUS_HOST", host, "an address or host name this machine resolves",
                 config.sources.get("prometheus_host", "argument"),
             ) from exc
-    folder = config.prometheus_targets_dir
-    if folder and config.metrics == "prometheus":
-        # Imported here: the Prometheus exporter is only needed when it is used.
-        from ctxtrace.telemetry.prometheus import UnsafeFolder, check_folder  # noqa: PLC0415
+    if config.metrics != "prometheus":
+        return
+    for name, event in (
+        ("prometheus_targets_dir", "ctxtrace.targets_dir_unsafe"),
+        ("prometheus_spool_dir", "ctxtrace.spool_dir_unsafe"),
+    ):
+        folder = getattr(config, name)
+        if folder:
+            _check_folder(folder, name, event, config.sources.get(name, "argument"))
 
-        key = "CTXTRACE_PROMETHEUS_TARGETS_DIR"
-        source = config.sources.get("prometheus_targets_dir", "argument")
-        try:
-            check_folder(folder)
-        except UnsafeFolder as warning:
-            log_line(
-                "warning", "ctxtrace.targets_dir_unsafe", key=key, value=shown(folder),
-                reason=str(warning),
-            )
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise ConfigError(
-                key, folder, f"a directory ctxtrace can create and write ({reason})", source
-            ) from exc
+
+def _check_folder(folder: str, name: str, event: str, source: str) -> None:
+    """A folder option's folder made if missing; unusable: an error, writable by all: a warning."""
+    # Imported here: the Prometheus exporter is only needed when it is used.
+    from ctxtrace.telemetry.prometheus import UnsafeFolder, check_folder  # noqa: PLC0415
+
+    key = "CTXTRACE_" + name.upper()
+    try:
+        check_folder(folder)
+    except UnsafeFolder as warning:
+        log_line("warning", event, key=key, value=shown(folder), reason=str(warning))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            key, folder, f"a directory ctxtrace can create and write ({reason})", source
+        ) from exc
 
 
 def stop() -> bool:

@@ -272,12 +272,29 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "Where metrics go when the application has no MeterProvider of its own.",
     ),
     Option(
+        "prometheus_scrape", _choice("host", "worker", "both"), "worker", "host, worker or both",
+        "host: one /metrics per host serves every process's series (ctxtrace run's default,"
+        " unless CTXTRACE_PROMETHEUS_TARGETS_DIR is set); worker: each process serves its own,"
+        " found through file_sd; both: the two.",
+    ),
+    Option(
         "prometheus_host", _host, "127.0.0.1", "an IP address or an ASCII host name",
-        "Address each worker's /metrics endpoint binds to.",
+        "Address the /metrics endpoints bind to.",
     ),
     Option(
         "prometheus_port", _port_range, (9464, 9564), "PORT or FIRST-LAST (0..65535)",
-        "Each worker serves /metrics on the first free port of this range.",
+        "A /metrics endpoint (the host's, or each worker's) takes the first free port of this"
+        " range.",
+    ),
+    Option(
+        "prometheus_spool_dir", _folder, "",
+        "a path to a directory ctxtrace can create or write, or empty for a private one",
+        "Folder where each process writes its series for the host's /metrics (scrape host or"
+        " both); processes that are not forked from one another share it only through this.",
+    ),
+    Option(
+        "prometheus_retain", _interval, 300.0, f"seconds >= {MIN_INTERVAL_S}",
+        "How long the host's /metrics keeps serving the last series of a process that ended.",
     ),
     Option(
         "prometheus_targets_dir", _folder, "",
@@ -318,8 +335,11 @@ class Config:
     log_rate_window: float | None = default_of("log_rate_window")
     spans: str = default_of("spans")
     metrics: str = default_of("metrics")
+    prometheus_scrape: str = default_of("prometheus_scrape")
     prometheus_host: str = default_of("prometheus_host")
     prometheus_port: tuple[int, int] = default_of("prometheus_port")
+    prometheus_spool_dir: str = default_of("prometheus_spool_dir")
+    prometheus_retain: float = default_of("prometheus_retain")
     prometheus_targets_dir: str = default_of("prometheus_targets_dir")
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 

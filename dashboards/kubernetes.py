@@ -5,12 +5,10 @@ its documents as plain data; generate.py writes them with ``rules.dump`` next to
 alerts.yml and ``--check`` compares them, so the rules a cluster runs are the rules
 ``promtool`` tested, threshold for threshold.
 
-How ctxtrace is scraped in a pod today: every process ctxtrace runs in (gunicorn's
-master and each worker) binds the first free port of ``CTXTRACE_PROMETHEUS_PORT`` and
-serves its own ``/metrics`` there. Kubernetes declares ports one by one, so the
-Deployment declares the range (one named port per process: the master's and one per
-worker) and sets ``CTXTRACE_PROMETHEUS_PORT`` to exactly that range; the PodMonitor
-scrapes each named port. One address per pod is not built yet.
+How ctxtrace is scraped in a pod: one address per pod (``CTXTRACE_PROMETHEUS_SCRAPE=host``).
+gunicorn's master serves every process's series (its own, each worker's, each retired
+worker's for ``CTXTRACE_PROMETHEUS_RETAIN``) on ``CTXTRACE_PROMETHEUS_PORT``; the
+Deployment declares that one port and the PodMonitor scrapes it.
 """
 
 from __future__ import annotations
@@ -27,9 +25,9 @@ API = "monitoring.coreos.com/v1"
 NAME = "ctxtrace"
 #: The pod label the PodMonitor selects: put it on any pod that runs ctxtrace.
 SCRAPE_LABEL = {"ctxtrace/scrape": "true"}
-#: Names of the metrics ports: ``ctxtrace-0`` and up (a port name has 15 characters
-#: at most and must be unique in the pod).
-PORT_NAME = "ctxtrace-{}"
+#: The name of the metrics port (a port name has 15 characters at most and must be
+#: unique in the pod).
+PORT_NAME = "ctxtrace"
 METRICS_PATH = "/metrics"
 #: Target labels the Operator adds that name one pod or port. The worker label already
 #: names the pod (its host part is the pod's host name) and ``instance`` the port, and
@@ -60,11 +58,9 @@ def job(config: Mapping[str, Any]) -> str:
     return found.group(1)
 
 
-def metrics_ports(config: Mapping[str, Any]) -> list[tuple[str, int]]:
-    """(name, port) of each process's /metrics: gunicorn's master, then one per worker."""
-    first = int(default_of("prometheus_port")[0])
-    count = int(config["kubernetes"]["workers"]) + 1
-    return [(PORT_NAME.format(n), first + n) for n in range(count)]
+def metrics_port() -> tuple[str, int]:
+    """(name, port) of the pod's one /metrics: the first port of ctxtrace's default range."""
+    return PORT_NAME, int(default_of("prometheus_port")[0])
 
 
 def prometheus_rule(config: Mapping[str, Any], groups: Sequence[Any]) -> dict[str, Any]:
@@ -78,41 +74,40 @@ def prometheus_rule(config: Mapping[str, Any], groups: Sequence[Any]) -> dict[st
 
 
 def pod_monitor(config: Mapping[str, Any]) -> dict[str, Any]:
-    """One scrape endpoint per named metrics port of the pods that carry SCRAPE_LABEL."""
-
-    def endpoint(port: str) -> dict[str, Any]:
-        return {
-            "port": port,
-            "path": METRICS_PATH,
-            "relabelings": [
-                {"targetLabel": "job", "replacement": job(config)},
-                {"action": "labeldrop", "regex": "|".join(PER_POD_LABELS)},
-            ],
-        }
-
+    """The one metrics port of the pods that carry SCRAPE_LABEL, with the rules' job."""
+    endpoint = {
+        "port": PORT_NAME,
+        "path": METRICS_PATH,
+        "relabelings": [
+            {"targetLabel": "job", "replacement": job(config)},
+            {"action": "labeldrop", "regex": "|".join(PER_POD_LABELS)},
+        ],
+    }
     return {
         "apiVersion": API,
         "kind": "PodMonitor",
         "metadata": {"name": NAME, "labels": dict(config["kubernetes"]["labels"])},
         "spec": {
             "selector": {"matchLabels": dict(SCRAPE_LABEL)},
-            "podMetricsEndpoints": [endpoint(name) for name, _ in metrics_ports(config)],
+            "podMetricsEndpoints": [endpoint],
         },
     }
 
 
 def deployment(config: Mapping[str, Any]) -> dict[str, Any]:
     """An example Deployment: ``ctxtrace run -- gunicorn``, its ports and its CTXTRACE_* env."""
-    ports = metrics_ports(config)
+    name, port = metrics_port()
     workers = int(config["kubernetes"]["workers"])
     labels = {"app.kubernetes.io/name": APP}
     env = {
         # The pod's address, not the loopback default: Prometheus scrapes from elsewhere.
         "PROMETHEUS_HOST": "0.0.0.0",
-        # Exactly the declared ports: a process that found them all taken serves none
-        # (and counts it in ctxtrace_internal_errors_total) rather than one nobody scrapes.
-        "PROMETHEUS_PORT": f"{ports[0][1]}-{ports[-1][1]}",
+        # Exactly the declared port: should it be taken, ctxtrace serves none (and counts
+        # it in ctxtrace_internal_errors_total) rather than one nobody scrapes.
+        "PROMETHEUS_PORT": str(port),
         "METRICS": "prometheus",
+        # One address for every process of the pod (ctxtrace run's default, said here).
+        "PROMETHEUS_SCRAPE": "host",
     }
     container = {
         "name": APP,
@@ -123,7 +118,7 @@ def deployment(config: Mapping[str, Any]) -> dict[str, Any]:
         ],
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT},
-            *({"name": name, "containerPort": port} for name, port in ports),
+            {"name": name, "containerPort": port},
         ],
         "env": [{"name": PREFIX + key, "value": value} for key, value in env.items()],
     }
@@ -146,7 +141,8 @@ def files(
     config: Mapping[str, Any], groups: Sequence[Any]
 ) -> dict[Path, tuple[str, list[dict[str, Any]]]]:
     """Each manifest file: its header (comments) and its documents."""
-    ports = metrics_ports(config)
+    name, port = metrics_port()
+    workers = config["kubernetes"]["workers"]
     return {
         FOLDER / "prometheusrule.yaml": (
             _GENERATED
@@ -159,21 +155,19 @@ def files(
         FOLDER / "podmonitor.yaml": (
             _GENERATED
             + f"""#
-# Scrapes every ctxtrace process of the pods labelled {_pairs(SCRAPE_LABEL)}: gunicorn's
-# master and each worker serve their own {METRICS_PATH} on the first free port of
-# CTXTRACE_PROMETHEUS_PORT, so each of the {len(ports)} named ports {ports[0][0]}..{ports[-1][0]}
-# ({ports[0][1]}-{ports[-1][1]}, deployment.yaml) is an endpoint here.
+# Scrapes the pods labelled {_pairs(SCRAPE_LABEL)} on their one metrics port, {name}
+# ({port}, deployment.yaml): gunicorn's master serves there every ctxtrace process of
+# the pod, each series with its own worker label (CTXTRACE_PROMETHEUS_SCRAPE=host).
 # Your Prometheus resource's podMonitorSelector must match metadata.labels; it finds
 # pods in the PodMonitor's own namespace unless spec.namespaceSelector says otherwise.
 #
 # Labels, so that the rules' selector ({config['selector']}) and joins hold:
 # - job: set to "{job(config)}" (the Operator's default would be <namespace>/{NAME}).
-# - instance: the pod IP and port, one per process: the rules join a worker's
-#   process_start_time_seconds to its counters on (job, instance).
+# - instance: the pod IP and port, one per pod; the rules join a worker's
+#   process_start_time_seconds to its counters on (job, instance, worker).
 # - worker (host:pid:role) comes from the agent itself; its host is the pod's name.
 # - namespace stays, and stays on every alert; {", ".join(PER_POD_LABELS)} are dropped:
-#   CtxtraceTargetDown compares a job's targets with each other and would otherwise
-#   compare each port with itself.
+#   CtxtraceTargetDown compares a job's targets with each other.
 """,
             [pod_monitor(config)],
         ),
@@ -182,9 +176,9 @@ def files(
             + f"""#
 # An example, not a chart: the parts a Deployment of a ctxtrace app needs. The image
 # has ctxtrace installed; `ctxtrace run` turns it on in gunicorn's master and in each
-# of its {config['kubernetes']['workers']} workers. One metrics port per process ({len(ports)}), and
-# CTXTRACE_PROMETHEUS_PORT set to exactly those ports. The pod label
-# {_pairs(SCRAPE_LABEL)} is what podmonitor.yaml selects.
+# of its {workers} workers, and the master serves them all on one metrics port ({port}),
+# CTXTRACE_PROMETHEUS_PORT. The pod label {_pairs(SCRAPE_LABEL)} is what podmonitor.yaml
+# selects.
 """,
             [deployment(config)],
         ),

@@ -84,13 +84,16 @@ class _Promql:
         self.config = config
         self.selector = str(config["selector"]).strip()
         self.targets = ", ".join(config["target_labels"])
+        # One process's series: with one address per host every worker of a host is the
+        # same target, and `worker` tells them apart (every series carries it).
+        self.process = f"{self.targets}, worker"
 
     def sel(self, metric: str, *matchers: str) -> str:
         inside = ", ".join(m for m in (*matchers, self.selector) if m)
         return f"{metric}{{{inside}}}"
 
     def recently_started(self) -> str:
-        """Targets whose process started less than ``new_worker_window`` ago."""
+        """Processes that started less than ``new_worker_window`` ago."""
         window = _seconds(str(self.config["new_worker_window"]))
         start = self.sel("process_start_time_seconds")
         return f"(time() - {start} < {window:g})"
@@ -102,7 +105,7 @@ class _Promql:
         return (
             f"(\n  increase({series}[{window}]) > 0\n)\nor\n(\n"
             f"  max without () (\n    {series}\n"
-            f"      and on ({self.targets}) {self.recently_started()}\n  ) > 0\n)"
+            f"      and on ({self.process}) {self.recently_started()}\n  ) > 0\n)"
         )
 
     def with_app(self, expr: str) -> str:
@@ -111,7 +114,7 @@ class _Promql:
         A process that has not served a context yet (a gunicorn master under --preload)
         has no app to name: its alerts come without the label rather than not at all.
         """
-        on = f"{self.targets}, worker"
+        on = self.process
         apps = (
             f"topk by ({on}) (1, max without (kind) ({self.sel('ctxtrace_contexts_total')}))"
         )

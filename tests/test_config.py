@@ -31,6 +31,8 @@ def test_defaults() -> None:
         ("CTXTRACE_SUPPRESS", "app.legacy, tools/job.py:12", ("app.legacy", "tools/job.py:12")),
         ("CTXTRACE_PROMETHEUS_PORT", "9000-9010", (9000, 9010)),
         ("CTXTRACE_SPANS", "ALL", "all"),
+        ("CTXTRACE_PROMETHEUS_SCRAPE", "Host", "host"),
+        ("CTXTRACE_PROMETHEUS_RETAIN", "30", 30.0),
     ],
 )
 def test_environment_strings(key: str, raw: str, expected: Any) -> None:
@@ -52,6 +54,9 @@ def test_environment_strings(key: str, raw: str, expected: Any) -> None:
         ("spans", ""),
         ("prometheus_port", "90-80"),
         ("prometheus_host", "a\nb"),
+        ("prometheus_scrape", "pod"),
+        ("prometheus_retain", "off"),
+        ("prometheus_retain", 0),
         ("no_such_key", 1),
     ],
 )

@@ -3,7 +3,10 @@
 Works for ``flask run``, ``gunicorn``, ``celery worker``, ``rq worker`` and
 ``python script.py``, and for the Python processes they start (see
 ``ctxtrace._autostart``). Options go to the command as ``CTXTRACE_*``
-environment variables; ``--set spans=all`` is ``CTXTRACE_SPANS=all``.
+environment variables; ``--set spans=all`` is ``CTXTRACE_SPANS=all``. Unlike a
+plain ``instrument()``, the command's processes share one Prometheus address
+(``CTXTRACE_PROMETHEUS_SCRAPE=host``) unless a scrape mode or a file_sd folder
+is given.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from ctxtrace._autostart import BOOTSTRAP_DIR
 from ctxtrace._config import PREFIX, Config, ConfigError
+
+SCRAPE: Final = PREFIX + "PROMETHEUS_SCRAPE"
+TARGETS_DIR: Final = PREFIX + "PROMETHEUS_TARGETS_DIR"
 
 
 def register(subparsers: Any) -> None:
@@ -50,6 +56,10 @@ def environment(environ: Mapping[str, str], options: Sequence[str]) -> dict[str,
     Config.resolve(arguments)
     for key, value in arguments.items():
         env[PREFIX + key.upper()] = value
+    # One address per host unless told otherwise; a file_sd folder is the per-worker
+    # setup's own setting, so a command that names one keeps its endpoints per worker.
+    if not env.get(SCRAPE) and not env.get(TARGETS_DIR):
+        env[SCRAPE] = "host"
     here = str(BOOTSTRAP_DIR)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
     env["PYTHONPATH"] = os.pathsep.join([here, *paths])

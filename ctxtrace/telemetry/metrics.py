@@ -239,6 +239,8 @@ class MetricsEmitter:
         self._base: dict[str, Any] = {"pushes": {}, "errors": {}, "context": 0, "log": 0}
         self._binding: Binding | None = None
         self._inherited: PrivateMetrics | None = None
+        #: Taken to rebuild after a fork: the drain thread and a flush may both try.
+        self._rebuild_lock = threading.Lock()
         self.depth = DepthWindow(host.take_depth_max)
 
     # -- events (any thread; must be cheap) ---------------------------------
@@ -314,6 +316,8 @@ class MetricsEmitter:
             if private is not None and private.push_readers and time.monotonic() >= self._next_push:
                 self._next_push = time.monotonic() + private.interval_s
                 private.push()
+            if private is not None and private.host_scrape is not None:
+                private.host_scrape.tick()
             if private is not None or self.meter_provider is None:
                 self._adopt_late_global()
         except Exception as exc:
@@ -336,13 +340,17 @@ class MetricsEmitter:
         """Record what waits and hand the last numbers over, then let go of the meter.
 
         The instruments stay bound until after the final export: a reader that
-        collects at shutdown still sees every count.
+        collects at shutdown still sees every count. A forked child that ends before
+        its drain thread built its provider (a gunicorn worker retired within a
+        second) builds it now, so that its counts are exported.
         """
         deadline = time.monotonic() + timeout_s
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(0.0, min(timeout_s, DRAIN_INTERVAL_S * 2)))
+        if self._inherited is not None:
+            self._rebuild_after_fork()
         private, self.private = self.private, None
         try:
             self.feed.drain(budget=False)
@@ -359,7 +367,14 @@ class MetricsEmitter:
             self.meter_provider = None
 
     def flush(self, timeout_s: float) -> None:
-        """Record everything waiting and push it (a process about to end without atexit)."""
+        """Record everything waiting and push it (a process about to end without atexit).
+
+        A forked child whose drain thread has not built its provider yet (an RQ
+        work-horse done within a second) builds it here, or its counts would go
+        with it.
+        """
+        if self._inherited is not None:
+            self._rebuild_after_fork()
         self.feed.drain(budget=False)
         if self.private is not None:
             self.private.flush(timeout_s)
@@ -377,16 +392,23 @@ class MetricsEmitter:
             )
 
     def renamed(self) -> None:
-        """The worker's label changed: its target file says the new one."""
+        """The worker's label changed: its series, its target file and its spool file say so."""
         private = self.private
-        endpoint = private.endpoint if private is not None else None
-        if endpoint is not None:
-            endpoint.rename(self._host.worker)
+        if private is None:
+            return
+        worker = self._host.worker
+        if private.labelled is not None:
+            private.labelled.worker = worker
+        if private.endpoint is not None:
+            private.endpoint.rename(worker)
+        if private.host_scrape is not None:
+            private.host_scrape.rename(worker)
 
     def after_fork(self) -> None:
         """A forked child: its own identity, counts from zero, its own endpoint and thread."""
         global _bindings_lock
         _bindings_lock = threading.Lock()  # may have been held by another thread at fork
+        self._rebuild_lock = threading.Lock()
         snapshot = self._host.snapshot()
         self._base = {
             "pushes": {(s.kind, s.app): s.pushes for s in snapshot},
@@ -412,11 +434,17 @@ class MetricsEmitter:
         self._start_thread()
 
     def _rebuild_after_fork(self) -> None:
-        """First tick in a forked child: a private provider, endpoint and file of its own."""
-        inherited, self._inherited = self._inherited, None
-        if inherited is not None:
-            inherited.abandon_inherited()
-            self._choose_meter()
+        """First tick (or flush, or stop) in a forked child: a private provider, endpoint and
+        file of its own. Never raises: a stop or a flush goes on without one."""
+        with self._rebuild_lock:
+            inherited, self._inherited = self._inherited, None
+            if inherited is None:
+                return
+            try:
+                inherited.abandon_inherited()
+                self._choose_meter()
+            except Exception as exc:
+                self._host.errors.record(self.name, exc)
 
     # -- reading, at collection ---------------------------------------------
 

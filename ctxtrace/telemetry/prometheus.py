@@ -42,12 +42,20 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from prometheus_client import REGISTRY, CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Metric,
+    ProcessCollector,
+    make_wsgi_app,
+)
+from prometheus_client.registry import Collector
 
 from ctxtrace.telemetry.pids import alive
 
@@ -91,8 +99,9 @@ def target_file_name(worker: str) -> str:
     return _UNSAFE.sub("_", worker) + ".json"
 
 
-def _open_small_file(path: Path) -> int | None:
-    """A descriptor of ``path`` if it is a small regular file (no link followed, no wait)."""
+def open_small_file(path: Path, limit: int = MAX_TARGET_FILE) -> int | None:
+    """A descriptor of ``path`` if it is a regular file of ``limit`` bytes at most (no link
+    followed, no wait)."""
     try:
         # Not even opened unless it is a regular file (a device's open can act).
         if not stat.S_ISREG(os.lstat(path).st_mode):
@@ -103,7 +112,7 @@ def _open_small_file(path: Path) -> int | None:
         return None
     try:
         status = os.fstat(fd)
-        if stat.S_ISREG(status.st_mode) and status.st_size <= MAX_TARGET_FILE:
+        if stat.S_ISREG(status.st_mode) and status.st_size <= limit:
             return fd
     except OSError:
         pass
@@ -123,8 +132,8 @@ def _owner(fd: int) -> tuple[str, int] | None:
         return None
 
 
-def _locked_by_someone(fd: int) -> bool:
-    """Whether a live process holds the lock its worker takes on its own target file."""
+def locked_by_someone(fd: int) -> bool:
+    """Whether a live process holds the lock its worker takes on its own file."""
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -148,7 +157,7 @@ def remove_stale(folder: Path, host: str) -> list[Path]:
         return removed
     for name in sorted(n for n in names if n.endswith(".json") and not n.startswith(".")):
         path = folder / name
-        fd = _open_small_file(path)
+        fd = open_small_file(path)
         if fd is None:
             continue
         try:
@@ -157,7 +166,7 @@ def remove_stale(folder: Path, host: str) -> list[Path]:
                 continue
             # The lock says it for workers of this version anywhere; the pid, for
             # files of earlier versions (no lock) whose worker runs in our namespace.
-            if _locked_by_someone(fd) or alive(owner[1]):
+            if locked_by_someone(fd) or alive(owner[1]):
                 continue
             # Only the file we judged: if another took its name meanwhile, it stays.
             if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
@@ -507,35 +516,64 @@ def add_process_metrics(registry: Any) -> None:
     ProcessCollector(registry=registry)
 
 
-def serve(worker: str, config: Config) -> tuple[Endpoint, PrometheusMetricReader]:
-    """A Prometheus reader on a registry of its own, served on this worker's endpoint."""
+class WorkerLabelled(Collector):
+    """A registry's families, every sample with this process's ``worker`` label.
+
+    The OpenTelemetry series have theirs already; prometheus_client's process
+    metrics and ``target_info`` get it here. On one address per host it is what
+    tells the processes apart (file_sd used to add it as a target label), and the
+    alert rules join each worker's ``process_start_time_seconds`` on it. ``worker``
+    changes when a process learns its role after it started.
+    """
+
+    def __init__(self, registry: Any, worker: str) -> None:
+        self._registry = registry
+        self.worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        worker = self.worker
+        for family in self._registry.collect():
+            family.samples = [
+                s if "worker" in s.labels else s._replace(labels={**s.labels, "worker": worker})
+                for s in family.samples
+            ]
+            yield family
+
+
+def registry_of(collector: Collector) -> CollectorRegistry:
+    """A registry serving ``collector`` (what ``make_wsgi_app`` wants)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def reader(worker: str) -> tuple[WorkerLabelled, PrometheusMetricReader]:
+    """A Prometheus reader on a registry of its own, with the process metrics, labelled."""
     # A registry per reader: restarts (and forks) make several in one process,
     # and one registry would serve them all at once.
     registry: Any = CollectorRegistry(auto_describe=False)
     try:
-        reader = PrometheusMetricReader(registry=registry, scope_info_enabled=False)
+        pull = PrometheusMetricReader(registry=registry, scope_info_enabled=False)
     except TypeError:
         # Exporter releases before the ``registry`` keyword (spring 2026) always
         # register in the default registry; an abandoned reader must then be shut
         # down (unregistered) before the next one starts.
-        reader = PrometheusMetricReader()
-        registry = REGISTRY
-    else:
-        add_process_metrics(registry)
-    try:
-        endpoint = bind(registry, config.prometheus_host, config.prometheus_port)
-    except BaseException:
-        reader.shutdown()
-        raise
+        return WorkerLabelled(REGISTRY, worker), PrometheusMetricReader()
+    add_process_metrics(registry)
+    return WorkerLabelled(registry, worker), pull
+
+
+def serve(labelled: WorkerLabelled, config: Config) -> Endpoint:
+    """This worker's own endpoint, with its file_sd target file."""
+    endpoint = bind(registry_of(labelled), config.prometheus_host, config.prometheus_port)
     if config.prometheus_targets_dir:
         try:
-            endpoint.write_target_file(Path(config.prometheus_targets_dir), worker)
+            endpoint.write_target_file(Path(config.prometheus_targets_dir), labelled.worker)
         except OSError as exc:
             # The endpoint serves on without its file: Prometheus can still be
             # pointed at it, and the caller counts the failure.
             endpoint.file_error = exc
         except BaseException:
             endpoint.close()
-            reader.shutdown()
             raise
-    return endpoint, reader
+    return endpoint

@@ -41,7 +41,8 @@ from ctxtrace.telemetry.providers import (
 )
 
 if TYPE_CHECKING:
-    from ctxtrace.telemetry.prometheus import Endpoint
+    from ctxtrace.telemetry.hostscrape import HostScrape
+    from ctxtrace.telemetry.prometheus import Endpoint, WorkerLabelled
 
 
 class ExportFailed(RuntimeError):
@@ -57,9 +58,27 @@ def load_exporter(name: str, signal: str, environ: Mapping[str, str]) -> Any:
     raise LookupError(f"no {group} entry point named {wanted!r} (is its package installed?)")
 
 
+#: The resource last detected in this process (or, before a fork, in its parent).
+_last_resource: Resource | None = None
+
+
 def resource(worker: str) -> Resource:
-    """The environment's resource, with this worker as ``service.instance.id``."""
-    return Resource.create({"service.instance.id": worker})
+    """The environment's resource, with this worker as ``service.instance.id``.
+
+    The SDK runs its detectors on a thread pool, which a process at interpreter
+    exit can no longer start; a forked worker that ends before its first tick
+    builds its provider then, to hand over its last counts. It takes the resource
+    last detected (here or in its parent) with its own instance id.
+    """
+    global _last_resource
+    instance = Resource({"service.instance.id": worker})
+    try:
+        _last_resource = Resource.create(dict(instance.attributes))
+    except RuntimeError:
+        if _last_resource is None:
+            raise
+        return _last_resource.merge(instance)
+    return _last_resource
 
 
 # -- guarded exporters ------------------------------------------------------------
@@ -355,7 +374,7 @@ def _millis(environ: Mapping[str, str], key: str, default: float) -> float:
 
 
 class PrivateMetrics(_Owned):
-    """A MeterProvider ctxtrace built for itself: readers, endpoint, push schedule."""
+    """A MeterProvider ctxtrace built for itself: readers, endpoints, push schedule."""
 
     component = "metrics"
 
@@ -369,20 +388,28 @@ class PrivateMetrics(_Owned):
         prometheus_reader: MetricReader | None = None,
         exporters: Sequence[_Guard] = (),
         record: RecordError = lambda component, exc: None,
+        host_scrape: HostScrape | None = None,
+        labelled: WorkerLabelled | None = None,
     ) -> None:
         super().__init__(exporters, record)
         self.provider = provider
         self.push_readers = push_readers
         self.endpoint = endpoint
+        self.host_scrape = host_scrape
+        #: What the Prometheus endpoints serve, with the worker label they add.
+        self.labelled = labelled
         self.prometheus_reader = prometheus_reader
         self.interval_s = interval_s
         self.timeout_s = timeout_s
 
     def push(self, timeout_s: float | None = None) -> None:
-        """Collect and export once on every push reader (OTLP, console)."""
+        """Collect and export once on every push reader (OTLP, console), and write this
+        process's file for the host's address."""
         millis = (self.timeout_s if timeout_s is None else max(timeout_s, 0.001)) * 1000
         for reader in self.push_readers:
             reader.collect(timeout_millis=millis)
+        if self.host_scrape is not None:
+            self.host_scrape.write()
 
     def flush(self, timeout_s: float) -> None:
         """``push`` within ``timeout_s``, however long the exporters take."""
@@ -404,11 +431,15 @@ class PrivateMetrics(_Owned):
             # Here, not on that thread: the port is free once this returns.
             if self.endpoint is not None:
                 self.endpoint.close()
+            if self.host_scrape is not None:
+                self.host_scrape.close()
 
     def abandon_inherited(self) -> None:
         """In a forked child, after the fork: drop the parent's copy, export nothing."""
         if self.endpoint is not None:
             self.endpoint.abandon()
+        if self.host_scrape is not None:
+            self.host_scrape.close()  # in a child: descriptors only, the files are the parent's
         if self.prometheus_reader is not None:
             # Only unregisters its collector from its registry: no collection.
             self.prometheus_reader.shutdown()
@@ -425,6 +456,8 @@ def build_metrics(
     readers: list[MetricReader] = []
     push_readers: list[PeriodicExportingMetricReader] = []
     endpoint: Endpoint | None = None
+    host_scrape: HostScrape | None = None
+    labelled: WorkerLabelled | None = None
     pull: MetricReader | None = None
     guarded: list[_Guard] = []
     timeout_ms = _millis(environ, OTEL_METRIC_EXPORT_TIMEOUT, 30_000.0)
@@ -432,14 +465,9 @@ def build_metrics(
         component = f"exporter.metrics.{name}"
         try:
             if name == "prometheus":
-                if endpoint is None:
-                    # prometheus_client loads only for this exporter.
-                    from ctxtrace.telemetry.prometheus import serve  # noqa: PLC0415
-
-                    endpoint, pull = serve(worker, config)
+                if pull is None:
+                    pull, labelled, endpoint, host_scrape = _prometheus(worker, config, record)
                     readers.append(pull)
-                    if endpoint.file_error is not None:
-                        record(component, endpoint.file_error)
                 continue
             exporter = GuardedMetricExporter(
                 load_exporter(name, "metrics", environ)(), component, record
@@ -473,5 +501,34 @@ def build_metrics(
         prometheus_reader=pull,
         exporters=guarded,
         record=record,
+        host_scrape=host_scrape,
+        labelled=labelled,
     )
 
+
+def _prometheus(
+    worker: str, config: Config, record: RecordError
+) -> tuple[MetricReader, WorkerLabelled, Endpoint | None, HostScrape | None]:
+    """The Prometheus reader, and what serves it (``CTXTRACE_PROMETHEUS_SCRAPE``).
+
+    The host's address first: in ``both`` the first process takes the first port.
+    """
+    # prometheus_client loads only for this exporter.
+    from ctxtrace.telemetry import hostscrape, prometheus  # noqa: PLC0415
+
+    labelled, pull = prometheus.reader(worker)
+    host_scrape: HostScrape | None = None
+    endpoint: Endpoint | None = None
+    try:
+        if config.prometheus_scrape in ("host", "both"):
+            host_scrape = hostscrape.HostScrape(labelled, config, record)
+        if config.prometheus_scrape in ("worker", "both"):
+            endpoint = prometheus.serve(labelled, config)
+            if endpoint.file_error is not None:
+                record("exporter.metrics.prometheus", endpoint.file_error)
+    except BaseException:
+        if host_scrape is not None:
+            host_scrape.close()
+        pull.shutdown()
+        raise
+    return pull, labelled, endpoint, host_scrape

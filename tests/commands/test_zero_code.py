@@ -109,6 +109,16 @@ class TestCtxtraceRun:
         assert env["PYTHONPATH"] == f"{BOOTSTRAP_DIR}{os.pathsep}/a"
         assert env["CTXTRACE_SPANS"] == "all"
 
+    def test_one_scrape_address_unless_told_otherwise(self) -> None:
+        """scrape=host by default; an explicit mode, or a file_sd folder, is kept."""
+        assert environment({}, [])["CTXTRACE_PROMETHEUS_SCRAPE"] == "host"
+        assert environment({}, ["prometheus_scrape=both"])["CTXTRACE_PROMETHEUS_SCRAPE"] == "both"
+        told = environment({"CTXTRACE_PROMETHEUS_SCRAPE": "worker"}, [])
+        assert told["CTXTRACE_PROMETHEUS_SCRAPE"] == "worker"
+        for folder in (environment({}, ["prometheus_targets_dir=/t"]),
+                       environment({"CTXTRACE_PROMETHEUS_TARGETS_DIR": "/t"}, [])):
+            assert "CTXTRACE_PROMETHEUS_SCRAPE" not in folder
+
 
 class TestInstrumentor:
     def test_declares_flask_and_is_an_entry_point(self) -> None:

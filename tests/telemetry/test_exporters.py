@@ -213,7 +213,8 @@ class TestPrometheusEndpoint:
         ) == 1
         assert sample("ctxtrace_dropped_total", what="context") == 0
         assert sample("ctxtrace_internal_errors_total", component="hooks") == 0
-        started = samples[("process_start_time_seconds", ())]
+        # Its own worker label, as file_sd gives it: the rules join on it.
+        started = sample("process_start_time_seconds")
         assert time.time() - 3600 < started <= time.time()
 
         ctxtrace.uninstrument()
@@ -335,3 +336,22 @@ print(json.dumps({
     assert result["spans"] == ["flask.app_context"]
     assert "ctxtrace.contexts" in result["metrics"]
     assert "ctxtrace.context.duration" in result["metrics"]
+
+
+def test_a_resource_at_interpreter_exit_reuses_the_last_detection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No thread pool for the SDK's detectors at exit: the last detected resource, with this
+    worker's instance id (a forked worker retired before its first tick writes its counts)."""
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415 - SDK-only test
+
+    from ctxtrace.telemetry import sdk_providers  # noqa: PLC0415 - loads the SDK
+
+    first = sdk_providers.resource("h:1:gunicorn-master")
+
+    def refused(*args: Any, **kwargs: Any) -> Resource:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(Resource, "create", refused)
+    late = sdk_providers.resource("h:2:gunicorn")
+    assert late.attributes == {**first.attributes, "service.instance.id": "h:2:gunicorn"}

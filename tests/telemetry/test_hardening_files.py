@@ -196,9 +196,9 @@ def test_a_forked_child_does_not_keep_its_parents_target_alive(tmp_path: Path) -
         path = endpoint.write_target_file(tmp_path, f"{_host()}:{_dead_pid()}:gunicorn")
         fd = os.open(path, os.O_RDONLY)
         try:
-            assert _prometheus._locked_by_someone(fd)
+            assert _prometheus.locked_by_someone(fd)
             endpoint.abandon()  # what a forked child does with the copy it inherited
-            assert not _prometheus._locked_by_someone(fd)
+            assert not _prometheus.locked_by_someone(fd)
         finally:
             os.close(fd)
     finally:
