@@ -80,6 +80,14 @@ class Fleet:
     recorder: Any
 
 
+def _own_host_name(unshare: str) -> list[str]:
+    """A UTS namespace of the process's own; without root, inside a user namespace that
+    maps the caller to root (CI may run the suite as an ordinary user)."""
+    if os.geteuid() == 0:
+        return [unshare, "--uts"]
+    return [unshare, "--user", "--map-root-user", "--uts"]
+
+
 @contextlib.contextmanager
 def _fleet(
     livestack: ModuleType, binaries: Any, paths: dict[str, Path], rules: Path,
@@ -117,7 +125,7 @@ def _fleet(
                 f"127.0.0.1:{metrics}", f"http://127.0.0.1:{central}/api/v1/write", None, []
             ))
             processes.start([
-                unshare, "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name,
+                *_own_host_name(unshare), "sh", "-c", 'hostname "$0" && exec "$@"', name,
                 sys.executable, "-c", CTXTRACE, "run", f"--set=prometheus_port={metrics}",
                 "--", sys.executable, "-m", "gunicorn", "--workers", str(WORKERS),
                 "--worker-class", "gthread", "--threads", "2", "--no-control-socket",
