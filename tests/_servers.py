@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,6 +36,29 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_range(size: int) -> tuple[int, int]:
+    """`size` consecutive ports that are all free now, below Linux's ephemeral range.
+
+    Every request and scrape of a run leaves a client port in TIME_WAIT, and those come
+    from the ephemeral range (32768 and up): a range picked there is soon half taken.
+    The probe binds the way the agent's server does (SO_REUSEADDR), so a port that only
+    an old connection's TIME_WAIT holds counts as free, as it is for the agent.
+    """
+    rng = random.Random()
+    for _ in range(100):
+        low = rng.randrange(20000, 32768 - size)
+        with contextlib.ExitStack() as probes:
+            try:
+                for port in range(low, low + size):
+                    sock = probes.enter_context(socket.socket())
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return low, low + size - 1
+    pytest.fail(f"no {size} consecutive free ports on 127.0.0.1 in 20000-32767")
 
 
 def wait_until(

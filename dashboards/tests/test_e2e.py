@@ -21,9 +21,7 @@ The faulty run's servers are stopped before the healthy run starts (class-scoped
 from __future__ import annotations
 
 import contextlib
-import random
 import re
-import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -39,6 +37,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ctxtrace.example import APP_NAME, SCENARIOS, serve
+from tests._servers import free_range
 
 if TYPE_CHECKING:  # at run time the module comes from the `livestack` fixture
     from livestack import Stack
@@ -135,29 +134,6 @@ class Run:
     @property
     def workers(self) -> set[str]:
         return set(self.shop.workers)
-
-
-def free_range(size: int) -> tuple[int, int]:
-    """`size` consecutive ports that are all free now, below Linux's ephemeral range.
-
-    Every request and scrape of a run leaves a client port in TIME_WAIT, and those come
-    from the ephemeral range (32768 and up): a range picked there is soon half taken.
-    The probe binds the way the agent's server does (SO_REUSEADDR), so a port that only
-    an old connection's TIME_WAIT holds counts as free, as it is for the agent.
-    """
-    rng = random.Random()
-    for _ in range(100):
-        low = rng.randrange(20000, 32768 - size)
-        with contextlib.ExitStack() as probes:
-            try:
-                for port in range(low, low + size):
-                    sock = probes.enter_context(socket.socket())
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return low, low + size - 1
-    pytest.fail(f"no {size} consecutive free ports on 127.0.0.1 in 20000-32767")
 
 
 @contextlib.contextmanager

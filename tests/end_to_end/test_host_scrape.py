@@ -10,7 +10,6 @@ until ``CTXTRACE_PROMETHEUS_RETAIN`` after its exit, and then gone.
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from collections import Counter
@@ -27,6 +26,7 @@ from .._servers import (
     ctxtrace_gunicorn,
     ctxtrace_run,
     file_sd_targets,
+    free_range,
     redis_server,
     stop,
     wait_until,
@@ -47,24 +47,6 @@ MOVING = frozenset(
     {"process_cpu_seconds_total", "process_resident_memory_bytes",
      "process_virtual_memory_bytes", "process_open_fds"}
 )
-
-
-def _free_range(count: int) -> int:
-    """A first port such that it and the ``count - 1`` after it are free now."""
-    for _attempt in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = int(probe.getsockname()[1])
-        if first + count > 65535:
-            continue
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    pytest.fail("no free range of ports", pytrace=False)
 
 
 def _get(url: str) -> str:
@@ -149,7 +131,7 @@ def test_one_address_serves_exactly_what_each_worker_served(tmp_path: Path) -> N
     """4 sync workers replaced every 5 requests under --preload: the host's address has the
     master's, each live worker's and each retired worker's series, exactly; the retired
     ones leave after the retention."""
-    first = _free_range(PORTS)
+    first = free_range(PORTS)[0]
     process, base, targets, log = ctxtrace_gunicorn(
         tmp_path, "tests.fixtures.telemetry_app:app", "-w", str(WORKERS),
         "--max-requests", str(MAX_REQUESTS), "--max-requests-jitter", "0",
@@ -233,7 +215,7 @@ def _horses(on_host: Series, main: int) -> list[tuple[int, int, int]]:
 def test_rq_horses_are_served_after_their_os_exit(tmp_path: Path) -> None:
     """``rq worker`` (a work-horse forked per job, leaving by ``os._exit``): the host's
     address, served by the worker's main process, has each horse's exact counts."""
-    first = _free_range(1)
+    first = free_range(1)[0]
     with redis_server(tmp_path) as url:
         connection = redis.Redis.from_url(url)
         try:
@@ -279,7 +261,7 @@ def test_celery_pool_processes_are_served_through_retirements(tmp_path: Path) ->
 
     from ..fixtures import celery_tasks  # noqa: PLC0415
 
-    first = _free_range(1)
+    first = free_range(1)[0]
     with redis_server(tmp_path) as url:
         queue = "ctxtrace-host-scrape"
         process = ctxtrace_run(
