@@ -113,6 +113,9 @@ class SpanEmitter:
         self.private: PrivateTracing | None = None
         self._recheck_at = 0.0
         self._lock = threading.Lock()
+        # A forked child's inherited private provider, until the child's own replaces it.
+        self._inherited: PrivateTracing | None = None
+        self._rebuild_lock = threading.Lock()
         # ``all`` mode: anomalies waiting for their context's pop, the environ of
         # each request unit (for the app context a request pushes before itself),
         # contexts whose span a leak already ended.
@@ -166,6 +169,10 @@ class SpanEmitter:
 
     def _tracer_now(self) -> trace.Tracer | None:
         """The tracer; without the application's own, look for it again now and then."""
+        if self._inherited is not None:
+            # A forked child's first span: its own provider now, not after the timer (an
+            # RQ work-horse's job is over within the second).
+            self._rebuild_after_fork()
         tracer = self._tracer
         if self.private is None and tracer is not None:
             return tracer
@@ -187,6 +194,8 @@ class SpanEmitter:
 
     def flush(self, timeout_s: float) -> None:
         """Export what waits, within ``timeout_s`` even while an exporter hangs."""
+        if self._inherited is not None:
+            self._rebuild_after_fork()
         private = self.private
         if private is not None:
             private.flush(timeout_s)
@@ -215,30 +224,38 @@ class SpanEmitter:
     def after_fork(self) -> None:
         """A forked child: nothing of the parent's is followed; its own provider if private."""
         self._lock = threading.Lock()  # may have been held by another thread at fork
+        self._rebuild_lock = threading.Lock()
         followed = (self._pending, self._unit_environ, self._ended, self._folded, self._open_units)
         for table in followed:
             table.clear()
         self._offset = time.time_ns() - time.monotonic_ns()
         inherited, self.private = self.private, None
         if inherited is not None:
-            # Not here, inside os.fork(): building a provider takes locks that
-            # only later fork hooks release. Spans wait for the new one (a second).
+            # Not here, inside os.fork(): building a provider takes locks that only
+            # later fork hooks release. The child's first span or flush builds it, or
+            # this timer does, whichever comes first.
             self._tracer = self._provider = None
-            timer = threading.Timer(RECHECK_S, self._rebuild_after_fork, args=(inherited,))
+            self._inherited = inherited
+            timer = threading.Timer(RECHECK_S, self._rebuild_after_fork)
             timer.daemon = True
             timer.start()
 
-    def _rebuild_after_fork(self, inherited: PrivateTracing) -> None:
+    def _rebuild_after_fork(self) -> None:
         """A private provider of the child's own; the parent's copy goes without exporting.
+        Once, whoever asks first; never raises (spans go on without a provider).
 
         By now the SDK has restarted the inherited batch processors and emptied
         their queues, so shutting them down sends none of the parent's spans.
         """
-        try:
-            inherited.shutdown()
-            self._choose_tracer()
-        except Exception as exc:
-            self._host.errors.record(self.name, exc)
+        with self._rebuild_lock:
+            inherited, self._inherited = self._inherited, None
+            if inherited is None:
+                return
+            try:
+                inherited.shutdown()
+                self._choose_tracer()
+            except Exception as exc:
+                self._host.errors.record(self.name, exc)
 
     # -- events ---------------------------------------------------------------
 
