@@ -39,6 +39,7 @@ from ctxtrace._version import VERSION
 from ctxtrace.core.counters import ExactCounts
 from ctxtrace.core.guard import run_within
 from ctxtrace.telemetry import providers
+from ctxtrace.telemetry.inherited import Inherited
 
 if TYPE_CHECKING:
     from ctxtrace._host import Host
@@ -238,9 +239,10 @@ class MetricsEmitter:
         self._next_push = 0.0
         self._base: dict[str, Any] = {"pushes": {}, "errors": {}, "context": 0, "log": 0}
         self._binding: Binding | None = None
-        self._inherited: PrivateMetrics | None = None
-        #: Taken to rebuild after a fork: the drain thread and a flush may both try.
-        self._rebuild_lock = threading.Lock()
+        self._inherited: Inherited[PrivateMetrics] = Inherited(
+            lambda old: old.abandon_inherited(), self._choose_meter,
+            lambda exc: self._host.errors.record(self.name, exc),
+        )
         self.depth = DepthWindow(host.take_depth_max)
 
     # -- events (any thread; must be cheap) ---------------------------------
@@ -307,8 +309,8 @@ class MetricsEmitter:
     def tick(self) -> None:
         """One round of the drain thread (tests call it directly)."""
         try:
-            if self._inherited is not None:
-                self._rebuild_after_fork()
+            if self._inherited.held is not None:
+                self._inherited.replace()
             pops = self._pops()
             self.feed.drain()
             self.feed.account(pops)
@@ -349,8 +351,8 @@ class MetricsEmitter:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(0.0, min(timeout_s, DRAIN_INTERVAL_S * 2)))
-        if self._inherited is not None:
-            self._rebuild_after_fork()
+        if self._inherited.held is not None:
+            self._inherited.replace()
         private, self.private = self.private, None
         try:
             self.feed.drain(budget=False)
@@ -373,8 +375,8 @@ class MetricsEmitter:
         work-horse done within a second) builds it here, or its counts would go
         with it.
         """
-        if self._inherited is not None:
-            self._rebuild_after_fork()
+        if self._inherited.held is not None:
+            self._inherited.replace()
         self.feed.drain(budget=False)
         if self.private is not None:
             self.private.flush(timeout_s)
@@ -408,7 +410,6 @@ class MetricsEmitter:
         """A forked child: its own identity, counts from zero, its own endpoint and thread."""
         global _bindings_lock
         _bindings_lock = threading.Lock()  # may have been held by another thread at fork
-        self._rebuild_lock = threading.Lock()
         snapshot = self._host.snapshot()
         self._base = {
             "pushes": {(s.kind, s.app): s.pushes for s in snapshot},
@@ -428,23 +429,10 @@ class MetricsEmitter:
             if inherited.endpoint is not None:
                 inherited.endpoint.abandon()
             self._use(None)
-            self._inherited = inherited
+            self._inherited.hold(inherited)
         # With the application's provider, the instruments stay: they read the
         # worker label afresh at each collection.
         self._start_thread()
-
-    def _rebuild_after_fork(self) -> None:
-        """First tick (or flush, or stop) in a forked child: a private provider, endpoint and
-        file of its own. Never raises: a stop or a flush goes on without one."""
-        with self._rebuild_lock:
-            inherited, self._inherited = self._inherited, None
-            if inherited is None:
-                return
-            try:
-                inherited.abandon_inherited()
-                self._choose_meter()
-            except Exception as exc:
-                self._host.errors.record(self.name, exc)
 
     # -- reading, at collection ---------------------------------------------
 

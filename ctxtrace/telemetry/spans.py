@@ -50,6 +50,7 @@ from ctxtrace.core.counters import read_count
 from ctxtrace.core.guard import run_within
 from ctxtrace.core.names import safe_name
 from ctxtrace.telemetry import providers, tracecarry
+from ctxtrace.telemetry.inherited import Inherited
 from ctxtrace.telemetry.logs import log_line
 
 if TYPE_CHECKING:
@@ -114,8 +115,12 @@ class SpanEmitter:
         self._recheck_at = 0.0
         self._lock = threading.Lock()
         # A forked child's inherited private provider, until the child's own replaces it.
-        self._inherited: PrivateTracing | None = None
-        self._rebuild_lock = threading.Lock()
+        # By then the SDK has restarted its batch processors and emptied their queues, so
+        # shutting the inherited one down sends none of the parent's spans.
+        self._inherited: Inherited[PrivateTracing] = Inherited(
+            lambda old: old.shutdown(), self._choose_tracer,
+            lambda exc: self._host.errors.record(self.name, exc),
+        )
         # ``all`` mode: anomalies waiting for their context's pop, the environ of
         # each request unit (for the app context a request pushes before itself),
         # contexts whose span a leak already ended.
@@ -169,10 +174,9 @@ class SpanEmitter:
 
     def _tracer_now(self) -> trace.Tracer | None:
         """The tracer; without the application's own, look for it again now and then."""
-        if self._inherited is not None:
-            # A forked child's first span: its own provider now, not after the timer (an
-            # RQ work-horse's job is over within the second).
-            self._rebuild_after_fork()
+        if self._inherited.held is not None:
+            # A forked child's first span: its own provider now, not after the timer.
+            self._inherited.replace()
         tracer = self._tracer
         if self.private is None and tracer is not None:
             return tracer
@@ -194,8 +198,8 @@ class SpanEmitter:
 
     def flush(self, timeout_s: float) -> None:
         """Export what waits, within ``timeout_s`` even while an exporter hangs."""
-        if self._inherited is not None:
-            self._rebuild_after_fork()
+        if self._inherited.held is not None:
+            self._inherited.replace()
         private = self.private
         if private is not None:
             private.flush(timeout_s)
@@ -224,7 +228,6 @@ class SpanEmitter:
     def after_fork(self) -> None:
         """A forked child: nothing of the parent's is followed; its own provider if private."""
         self._lock = threading.Lock()  # may have been held by another thread at fork
-        self._rebuild_lock = threading.Lock()
         followed = (self._pending, self._unit_environ, self._ended, self._folded, self._open_units)
         for table in followed:
             table.clear()
@@ -235,27 +238,10 @@ class SpanEmitter:
             # later fork hooks release. The child's first span or flush builds it, or
             # this timer does, whichever comes first.
             self._tracer = self._provider = None
-            self._inherited = inherited
-            timer = threading.Timer(RECHECK_S, self._rebuild_after_fork)
+            self._inherited.hold(inherited)
+            timer = threading.Timer(RECHECK_S, self._inherited.replace)
             timer.daemon = True
             timer.start()
-
-    def _rebuild_after_fork(self) -> None:
-        """A private provider of the child's own; the parent's copy goes without exporting.
-        Once, whoever asks first; never raises (spans go on without a provider).
-
-        By now the SDK has restarted the inherited batch processors and emptied
-        their queues, so shutting them down sends none of the parent's spans.
-        """
-        with self._rebuild_lock:
-            inherited, self._inherited = self._inherited, None
-            if inherited is None:
-                return
-            try:
-                inherited.shutdown()
-                self._choose_tracer()
-            except Exception as exc:
-                self._host.errors.record(self.name, exc)
 
     # -- events ---------------------------------------------------------------
 
