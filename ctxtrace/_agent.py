@@ -141,16 +141,16 @@ class Agent:
         unless a unit inside it (a request) has looked by then.
         """
         try:
-            unit, token = self.ledger.begin_unit(kind, name, check_stale=not defer_stale)
+            unit = self.ledger.begin_unit(kind, name, check_stale=not defer_stale)
         except Exception as exc:
             self.errors.record("units", exc)
-            return UnitHandle(None, None)
-        return UnitHandle(unit, token)
+            return UnitHandle(None)
+        return UnitHandle(unit)
 
     def end_unit(self, handle: UnitHandle) -> None:
         """End a unit started by ``begin_unit``; repairs leaks when ``repair`` is on."""
-        if handle.unit is not None and handle.token is not None:
-            self.hooks.end_unit(handle.unit, handle.token)
+        if handle.unit is not None:
+            self.hooks.end_unit(handle.unit)
 
     def escaped(self, exc: BaseException) -> None:
         self.hooks.escaped(exc)

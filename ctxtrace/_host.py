@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from contextvars import Token
 
     from ctxtrace._config import Config
     from ctxtrace._events import Kind, Unit
@@ -27,7 +26,6 @@ class UnitHandle:
     """What ``Host.begin_unit`` hands back, to pass to ``Host.end_unit``."""
 
     unit: UnitState | None
-    token: Token[UnitState | None] | None
 
 
 class Host(Protocol):

@@ -24,7 +24,6 @@ import inspect
 import sys
 import types
 from collections.abc import Callable, Iterable
-from contextvars import Token
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -42,7 +41,7 @@ from ctxtrace.core.guard import InternalErrors
 from ctxtrace.core.ledger import Ledger
 from ctxtrace.core.names import safe_name
 from ctxtrace.core.patching import Patch, copy_names
-from ctxtrace.core.records import DISPATCHING, UnitState
+from ctxtrace.core.records import DISPATCHING, FINISHED, UnitState
 
 _MAX_CACHED_APPS: Final = 256
 # Frames between ``_failed_lookup`` and the code that touched the proxy: through
@@ -288,7 +287,7 @@ class Hooks:
         """``AppContext.push`` before the merge: tracked, unless pushed for a request."""
         hooks = self
         errors = self.errors
-        unit_now = self.ledger.current_unit
+        slot_now = self.ledger.current_slot
         tracked = after.tracked
         for_request = after.for_request
         tracks_dispatch = self.ledger.tracks_dispatch
@@ -298,7 +297,7 @@ class Hooks:
             if not hooks.active:
                 return original(self)
             try:
-                unit: UnitState | None = unit_now()
+                unit: UnitState | None = slot_now().unit
                 pushed_for_request = unit is not None and unit.dispatch is DISPATCHING
             except Exception as exc:
                 errors.record("hooks", exc)
@@ -309,8 +308,9 @@ class Hooks:
             elif tracks_dispatch:
                 for_request(self, unit)
             else:
-                # ``for_request``, inlined: counted with the request context, once pushed.
-                unit.app_pushed_for_dispatch(self)
+                # ``for_request`` and ``UnitState.app_pushed_for_dispatch``, inlined:
+                # counted with the request context, once pushed.
+                unit.dispatch_app = self
             return result
 
         return push
@@ -321,7 +321,7 @@ class Hooks:
         """A class whose contexts can carry a request: the first in a request unit dispatches."""
         hooks = self
         errors = self.errors
-        unit_now = self.ledger.current_unit
+        slot_now = self.ledger.current_slot
         kind_of = self.shape.kind
         tracked = after.tracked
         hooks_stats = self._stats
@@ -337,7 +337,7 @@ class Hooks:
             if not hooks.active:
                 return original(self)
             try:
-                unit: UnitState | None = unit_now()
+                unit: UnitState | None = slot_now().unit
                 dispatch = False
                 if (
                     unit is not None
@@ -345,7 +345,7 @@ class Hooks:
                     and unit.kind == "request"
                     and (fixed_kind == "request" or kind_of(self) == "request")
                 ):
-                    unit.begin_dispatch()
+                    unit.dispatch = DISPATCHING  # ``UnitState.begin_dispatch``, inlined
                     dispatch = True
             except Exception as exc:
                 errors.record("hooks", exc)
@@ -387,7 +387,7 @@ class Hooks:
         """For a ``push`` whose signature is not Flask's known ``push(self)``."""
         hooks = self
         errors = self.errors
-        unit_now = self.ledger.current_unit
+        slot_now = self.ledger.current_slot
         kind_of = self.shape.kind
         app_only = fixed_kind == "app"
 
@@ -396,7 +396,7 @@ class Hooks:
             if not hooks.active:
                 return original(self, *args, **kwargs)
             try:
-                unit: UnitState | None = unit_now()
+                unit: UnitState | None = slot_now().unit
                 dispatching = unit is not None and unit.dispatch is DISPATCHING
                 dispatch = False
                 if (
@@ -465,7 +465,7 @@ class Hooks:
         ledger = self.ledger
         popped = ledger.popped
         records = ledger.records
-        unit_now = ledger.current_unit
+        slot_now = ledger.current_slot
         ledger_pop = ledger.pop
         promote = ledger.promote_current
         count = self.shape.push_count
@@ -490,10 +490,11 @@ class Hooks:
                     return original(self, exc)
                 finally:
                     try:
-                        unit = unit_now() if carries_requests else None
+                        unit = slot_now().unit if carries_requests else None
                         if unit is not None and unit.dispatch is self:
-                            # Counted when the unit ends (``Ledger.end_unit``).
-                            unit.end_dispatch()
+                            # Counted when the unit ends (``Ledger.end_unit``);
+                            # ``UnitState.end_dispatch``, inlined.
+                            unit.dispatch = FINISHED
                         else:
                             entry = records.get(id(self))
                             if entry is not None:
@@ -557,12 +558,14 @@ class Hooks:
         ``__call__`` encloses any middleware put around ``app.wsgi_app``; the
         ``wsgi_app`` it reaches then joins that unit. ``wsgi_app`` called
         directly (test harnesses, some servers' embedding) begins one itself.
+        (Calling Flask's ``wsgi_app`` straight from the ``__call__`` wrapper
+        would save two frames, but tracebacks would then lack ``__call__``.)
         """
         hooks = self
         errors = self.errors
         begin_request = self.ledger.begin_request
-        unit_now = self.ledger.current_unit
-        end_unit = self.ledger.end_unit
+        slot_now = self.ledger.current_slot
+        end_request = self.ledger.end_request
         leave_unit = self.ledger.leave_unit
         repair = self.repair
 
@@ -571,7 +574,7 @@ class Hooks:
             if not hooks.active:
                 return original(self, environ, start_response)
             try:
-                outer: UnitState | None = unit_now()
+                outer: UnitState | None = slot_now().unit
                 if outer is not None and outer.dispatch is None and outer.kind == "request":
                     unit = None  # the request's unit has begun, nothing dispatched yet
                 else:
@@ -589,12 +592,12 @@ class Hooks:
             finally:
                 try:
                     if hooks.active:
-                        leftovers = end_unit(unit, unit.token, repair)
+                        leftovers = end_request(unit, repair)
                     else:
                         # Switched off mid-request: its pops went to Flask alone,
                         # so judging the unit would report leaks that are not there.
                         leftovers = []
-                        leave_unit(unit.token)
+                        leave_unit(unit)
                 except Exception as exc:
                     errors.record("hooks", exc)
                 else:
@@ -604,10 +607,10 @@ class Hooks:
         copy_names(wrapper, original)
         return wrapper
 
-    def end_unit(self, unit: UnitState, token: Token[UnitState | None]) -> None:
+    def end_unit(self, unit: UnitState) -> None:
         """End a unit of work; with ``repair`` on, pop what it leaked."""
         try:
-            leftovers = self.ledger.end_unit(unit, token, repair=self.repair)
+            leftovers = self.ledger.end_unit(unit, repair=self.repair)
         except Exception as exc:
             self.errors.record("hooks", exc)
             return

@@ -23,16 +23,14 @@ immutable ``(entry, below, depth)`` tuples because a copied Context shares them.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
 import sys
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextvars import ContextVar, Token
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Final, Literal
 
 from ctxtrace._events import (
@@ -68,6 +66,7 @@ from ctxtrace.core.records import (
     IMPORT_CHECKED,
     IMPORTED,
     LONG_REPORTED,
+    NO_SLOT,
     ORPHANED,
     OWNER,
     P_AT,
@@ -91,6 +90,7 @@ from ctxtrace.core.records import (
     Stats,
     StatsSnapshot,
     ThreadState,
+    UnitSlot,
     UnitState,
     entry_info,
     is_context,
@@ -192,13 +192,12 @@ class Ledger:
         self.request_slot = "request" if "request" in self._stacks else "app"
         self._request_var = self._stacks[self.request_slot]
         self._app_var = self._stacks.get("app", self._request_var)
-        self._unit: ContextVar[UnitState | None] = ContextVar("ctxtrace.unit", default=None)
-        #: The unit of work running in this Context, if any (the ContextVar's own ``get``:
-        #: every push asks, and a method around it would cost a Python call).
-        self.current_unit: Callable[[], UnitState | None] = self._unit.get
-        #: A request starts (``Flask.__call__``): a unit, its token kept on it. Its
-        #: stale check waits for the dispatch, which names it after its endpoint.
-        self.begin_request: Callable[[], UnitState] = functools.partial(UnitState, self._unit)
+        self._slot: ContextVar[UnitSlot] = ContextVar("ctxtrace.unit", default=NO_SLOT)
+        #: This thread's ``UnitSlot`` as this Context sees it (``.unit`` is the running
+        #: unit): the ContextVar's own ``get``, as every push asks and a method
+        #: around it would cost a Python call.
+        self.current_slot: Callable[[], UnitSlot] = self._slot.get
+        self.begin_request = self._build_begin_request()
         self._tls = threading.local()
         #: Called once by the first thread that needs per-thread state, if set
         #: (the agent's restart in a forked child; see ``_agent.Agent.after_fork``).
@@ -226,6 +225,8 @@ class Ledger:
             [object, Stats, str, Site | None, bool, UnitState | None], None
         ] = self._build_push()
         self.popped: Callable[[object, str, Entry], None] = self._build_popped()
+        self.dispatch_pushed = self._build_dispatch_pushed()
+        self.end_request = self._build_end_request()
 
     # -- per-thread facts -------------------------------------------------
 
@@ -543,50 +544,59 @@ class Ledger:
         self.push(ctx, stats, "app", None, False, unit)
         unit.dispatch_app = ctx
 
-    def dispatch_pushed(
+    def _build_dispatch_pushed(
         self,
-        unit: UnitState,
-        ctx: object,
-        stats: Stats,
-        app_stats: Stats | None,
-        endpoint: object,
-    ) -> None:
-        """Flask pushed the request context that dispatches ``unit``, matched to ``endpoint``.
+    ) -> Callable[[UnitState, object, Stats, Stats | None, object], None]:
+        """``dispatch_pushed(unit, ctx, stats, app_stats, endpoint)``: Flask pushed the
+        request context that dispatches ``unit``, matched to ``endpoint``.
 
         ``app_stats`` counts the app context Flask <= 3.1 pushed for it, if it
         did. Counted, timed and put in the flight record (one record for the
         request: it tells its pushes and pops), but not tracked, unless
         lifecycle events are wanted. The unit now knows its name, so what
-        earlier units left on this thread is reported now.
+        earlier units left on this thread is reported now. Once per request,
+        so a closure for the reason ``push`` is one, built for the mode.
         """
-        unit.name = endpoint if endpoint.__class__ is str else UNMATCHED
-        if self._track_dispatch:
-            self._dispatch_tracked(unit, ctx, stats)
-            return
-        if self._requests and self._capture is not None:
-            unit.carry = self._capture(ctx)
-        try:
-            thread: ThreadState = self._tls.state
-        except AttributeError:
-            thread = self._thread()
-        unit.dispatch = ctx
-        unit.stats = stats
-        unit.thread = thread
-        unit.pushed_ns = self._clock()
-        next(stats.pushes)
-        if app_stats is not None:
-            unit.app_stats = app_stats
-            next(app_stats.pushes)
-        self._inflight.add(unit)
-        if thread.flight is not None:
-            thread.flight.append(unit)
-        if not self._live:
-            # Nothing tracked anywhere, so nothing below: depth 1, nothing stale.
-            unit.checked = True
-            if not self.depth_max:
-                self.depth_max = 1
-        else:
-            self._dispatched_over(unit)
+        ledger = self
+        live = self._live
+        clock = self._clock
+        inflight_add = self._inflight.add
+        capture = self._capture if self._requests else None
+        track = self._track_dispatch
+
+        def dispatch_pushed(
+            unit: UnitState, ctx: object, stats: Stats, app_stats: Stats | None, endpoint: object
+        ) -> None:
+            unit.name = endpoint if endpoint.__class__ is str else UNMATCHED
+            if track:
+                ledger._dispatch_tracked(unit, ctx, stats)
+                return
+            if capture is not None:
+                unit.carry = capture(ctx)
+            try:
+                thread: ThreadState = ledger._tls.state
+            except AttributeError:
+                thread = ledger._thread()
+            unit.dispatch = ctx
+            unit.stats = stats
+            unit.thread = thread
+            unit.pushed_ns = clock()
+            next(stats.pushes)
+            if app_stats is not None:
+                unit.app_stats = app_stats
+                next(app_stats.pushes)
+            inflight_add(unit)
+            if thread.flight is not None:
+                thread.flight.append(unit)
+            if live:
+                ledger._dispatched_over(unit)
+            else:
+                # Nothing tracked anywhere, so nothing below: depth 1, nothing stale.
+                unit.checked = True
+                if not ledger.depth_max:
+                    ledger.depth_max = 1
+
+        return dispatch_pushed
 
     def _dispatched_over(self, unit: UnitState) -> None:
         """A request dispatched while contexts are tracked: its depth, and what is stale."""
@@ -633,7 +643,7 @@ class Ledger:
 
     def promote_current(self) -> None:
         """Give the request contexts under this Context's stack records (before a bad pop)."""
-        unit = self._unit.get()
+        unit = self.current_unit()
         if unit is not None and (unit.parent is not None or unit.dispatch_live()):
             self._promote_all(unit)
 
@@ -712,7 +722,7 @@ class Ledger:
 
     def _dispatching_unit(self, ctx: object) -> UnitState | None:
         """The running request whose untracked context ``ctx`` is, if any."""
-        unit = self._unit.get()
+        unit = self.current_unit()
         if unit is not None and (unit.dispatch is ctx or unit.dispatch_app is ctx):
             return unit
         for other in list(self._inflight):
@@ -739,23 +749,54 @@ class Ledger:
 
     # -- units of work ----------------------------------------------------
 
-    def begin_unit(
-        self, kind: str, name: str, *, check_stale: bool = True
-    ) -> tuple[UnitState, Token[UnitState | None]]:
+    def _build_begin_request(self) -> Callable[[], UnitState]:
+        """``begin_request()``: a request starts (``Flask.__call__``) on this thread.
+
+        Its stale check waits for the dispatch, which names it after its
+        endpoint. The unit becomes its thread's slot's current unit; the slot
+        is made (and set in the ContextVar) once per thread and Context.
+        """
+        slot_get = self._slot.get
+        own_slot = self._own_slot
+        unit_state = UnitState
+
+        def begin_request() -> UnitState:
+            slot = slot_get()
+            if slot.ident != threading.get_ident():
+                slot = own_slot()
+            unit = unit_state()
+            unit.parent = slot.unit
+            unit.slot = slot
+            slot.unit = unit
+            return unit
+
+        return begin_request
+
+    def _own_slot(self) -> UnitSlot:
+        """This thread's slot, in this Context (first unit here, or a Context copied in)."""
+        slot = UnitSlot(threading.get_ident())
+        self._slot.set(slot)
+        return slot
+
+    def current_unit(self) -> UnitState | None:
+        """The unit of work running on this thread, as this Context sees it, if any."""
+        return self._slot.get().unit
+
+    def begin_unit(self, kind: str, name: str, *, check_stale: bool = True) -> UnitState:
         """A unit of work starts on this thread.
 
         What earlier units left on the stacks is reported now, or, with
         ``check_stale=False``, once the unit knows its name (a request learns
         its endpoint when its context is pushed) and at the latest when it ends.
         """
-        unit = UnitState(self._unit)
+        unit = self.begin_request()
         unit.kind = kind
         unit.name = safe_name(name)
         thread = self._thread()
         unit.outer_on_thread, thread.unit = thread.unit, unit
         if check_stale:
             self.check_stale(unit)
-        return unit, unit.token
+        return unit
 
     def check_stale(self, unit: UnitState) -> None:
         """Report each context a finished unit left on this thread's stacks."""
@@ -787,37 +828,56 @@ class Ledger:
                     return
                 node = node[1]
 
-    def leave_unit(self, token: Token[UnitState | None]) -> None:
+    @staticmethod
+    def leave_unit(unit: UnitState) -> None:
         """Leave a unit without judging it: the agent was switched off while it ran."""
-        with contextlib.suppress(ValueError):  # reset in another Context
-            self._unit.reset(token)
+        unit.slot.unit = unit.parent
 
-    def end_unit(
-        self, unit: UnitState, token: Token[UnitState | None] | None, repair: bool = False
-    ) -> list[object]:
+    def _build_end_request(self) -> Callable[[UnitState, bool], Sequence[object]]:
+        """``end_request(unit, repair)``: a request unit begun by ``begin_request`` ends;
+        returns what ``repair`` should pop (see ``end_unit``).
+
+        The request's own contexts were popped from the top, untracked (the
+        hook layer marked them, with no call into the ledger): their pops are
+        counted and timed here, microseconds later. The app context Flask
+        <= 3.1 pushed for the request was popped inside that pop: had it not
+        been on top, its pop would have given both records. When nothing else
+        happened (nothing tracked, nothing pending), that is the whole end;
+        otherwise ``end_unit`` judges the rest.
+        """
+        clock = self._clock
+        inflight_discard = self._inflight.discard
+        end_unit = self.end_unit
+        plain = not self._requests
+
+        def end_request(unit: UnitState, repair: bool) -> Sequence[object]:
+            if unit.dispatch is FINISHED:
+                inflight_discard(unit)
+                duration = (clock() - unit.pushed_ns) / 1e9
+                stats = unit.stats
+                next(stats.pops)
+                stats.durations.append(duration)
+                if unit.dispatch_app is not None:  # the context itself: see ``UnitState``
+                    stats = unit.app_stats
+                    next(stats.pops)
+                    stats.durations.append(duration)
+                if plain and unit.checked and not unit.tracked and unit.pending is None:
+                    unit.finished = True
+                    unit.slot.unit = unit.parent
+                    return ()
+            return end_unit(unit, repair)
+
+        return end_request
+
+    def end_unit(self, unit: UnitState, repair: bool = False) -> list[object]:
         """A unit ends: what it pushed and left pushed is leaked.
 
         Returns the leaked context objects, newest first, when ``repair`` asks
-        for them to be popped.
+        for them to be popped. A request's own contexts popped from the top
+        were counted by ``end_request``, which ends every request unit.
         """
         state = unit.dispatch
-        if state is FINISHED:
-            # The request's own contexts were popped from the top, untracked (the
-            # hook layer marked them, with no call into the ledger): their pops
-            # are counted and timed now, microseconds later. The app context
-            # Flask <= 3.1 pushed for the request was popped inside that pop: had
-            # it not been on top, its pop would have given both records.
-            self._inflight.discard(unit)
-            duration = (self._clock() - unit.pushed_ns) / 1e9
-            stats = unit.stats
-            next(stats.pops)
-            stats.durations.append(duration)
-            implicit = unit.dispatch_app
-            if implicit is not None and implicit.__class__ is not Marker:
-                stats = unit.app_stats
-                next(stats.pops)
-                stats.durations.append(duration)
-        elif state is not None and state.__class__ is not Marker:  # ``dispatch_live``, inlined
+        if state is not None and state.__class__ is not Marker:  # ``dispatch_live``, inlined
             # The request's own context outlives it: give it a record, reported below.
             self._promote(unit)
         if self._requests and state is not None and unit.kind == "request":
@@ -829,11 +889,7 @@ class Ledger:
         unit.finished = True
         if unit.kind != "request":
             self._leave_thread(unit)
-        try:
-            if token is not None:
-                self._unit.reset(token)
-        except ValueError:
-            self._unit.set(unit.parent)
+        unit.slot.unit = unit.parent
         if not unit.tracked:
             return []  # nothing of this unit's was ever on the mirror
         leftovers = self._left_by(unit)
@@ -1009,7 +1065,7 @@ class Ledger:
         self._loose_lock = threading.Lock()
         for var in self._stacks.values():
             var.set(None)
-        self._unit.set(None)
+        self._slot.set(NO_SLOT)
         self._tls = threading.local()
 
     def rebind_threads(self) -> None:
@@ -1037,7 +1093,7 @@ class Ledger:
         next sweep.
         """
         thread = self._thread()
-        unit = self._unit.get() or thread.unit
+        unit = self.current_unit() or thread.unit
         now = self._clock()
         # The site's file and line (strings hash once): the window's key, hashed in C.
         key: AccessKey = (proxy, site.file, site.line, phase) if site else (proxy, "", 0, phase)
@@ -1079,7 +1135,7 @@ class Ledger:
 
     def escaped(self, exc: BaseException) -> None:
         """``exc`` is failing the running unit: the accesses whose errors led to it escaped."""
-        unit = self._unit.get() or self._thread().unit
+        unit = self.current_unit() or self._thread().unit
         pending = unit.pending if unit is not None else None
         if not pending:
             return
@@ -1095,7 +1151,7 @@ class Ledger:
         ``ctxtrace_events``): it caught the errors it made so far, so the running
         unit's accesses were handled; those outside any unit are told as the sweep
         would tell them."""
-        unit = self._unit.get() or self._thread().unit
+        unit = self.current_unit() or self._thread().unit
         if unit is not None and unit.pending:
             self._settle(unit)
         self.settle_loose()

@@ -190,7 +190,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.workers = [Worker(f"model-{i}") for i in range(THREADS)]
         self.model = Model()
         self.labels = 0
-        self.unit_tokens: list[Any] = [None] * THREADS
+        self.units_begun: list[Any] = [None] * THREADS
         self.all_contexts: list[Ctx] = []
 
     def teardown(self) -> None:
@@ -296,7 +296,7 @@ class LedgerMachine(RuleBasedStateMachine):
         ledger = self.agent.ledger
         ok, result = self._run(t, lambda: ledger.begin_unit("task", "model"))
         assert ok
-        self.unit_tokens[t] = result
+        self.units_begun[t] = result
         self._check(predicted)
 
     @rule(t=st.integers(0, THREADS - 1))
@@ -304,9 +304,9 @@ class LedgerMachine(RuleBasedStateMachine):
         if self.model.units[t] is None:
             return
         predicted = self.model.end_unit(t)
-        unit, token = self.unit_tokens[t]
+        unit = self.units_begun[t]
         hooks = self.agent.hooks
-        ok, _ = self._run(t, lambda: hooks.end_unit(unit, token))
+        ok, _ = self._run(t, lambda: hooks.end_unit(unit))
         assert ok
         self._check(predicted)
 
@@ -381,7 +381,7 @@ def _broken(monkeypatch: pytest.MonkeyPatch, name: str, replacement: Any) -> Ite
         # Mutation: wrong pops are always explained away, so never reported.
         ("_follows_earlier_mistake", staticmethod(lambda entry, culprit: True)),
         # Mutation: the end of a unit no longer reports what it left pushed.
-        ("end_unit", lambda self, unit, token, repair=False: self._unit.set(unit.parent) and []),
+        ("end_unit", lambda self, unit, repair=False: self.leave_unit(unit) or []),
         # Mutation: pops of contexts nobody tracks are ignored.
         ("_report_unknown_double_pop", lambda self, ctx, thread: None),
         # Mutation: a unit forgets to look for what earlier units left.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -118,6 +119,49 @@ def test_async_view(app: Flask, instrumented: Any) -> None:
 
     assert app.test_client().get("/async").get_data(as_text=True) == "shop"
     _silent(recorder)
+
+
+def test_request_served_in_a_context_copied_from_a_running_request(
+    app: Flask, instrumented: Any
+) -> None:
+    """A view hands its Context to a thread that serves another request in it, and
+    finishes while that request still runs: each thread keeps its own running unit
+    (the copied Context holds the first thread's unit slot, which the second thread
+    must not take over)."""
+    recorder = instrumented()
+    entered, release = threading.Event(), threading.Event()
+    served: list[str] = []
+    workers: list[threading.Thread] = []
+
+    @app.route("/inner")
+    def inner() -> str:
+        entered.set()
+        release.wait(10)
+        return "inner"
+
+    def serve_inner(copied: contextvars.Context) -> None:
+        served.append(copied.run(lambda: app.test_client().get("/inner").get_data(as_text=True)))
+
+    @app.route("/outer")
+    def outer() -> str:
+        workers.append(threading.Thread(target=serve_inner, args=(contextvars.copy_context(),)))
+        workers[-1].start()
+        assert entered.wait(10)
+        with app.app_context():  # a push of this request's own while the other runs
+            pass
+        return "outer"
+
+    for _ in range(3):
+        entered.clear()
+        release.clear()
+        assert app.test_client().get("/outer").get_data(as_text=True) == "outer"
+        release.set()
+        workers[-1].join(10)
+    assert served == ["inner"] * 3
+    _silent(recorder)
+    agent = _agent.current()
+    assert agent is not None and agent.current_unit() is None
+    assert agent.ledger.live_count() == 0
 
 
 def test_two_apps_behind_dispatcher_middleware(app: Flask, instrumented: Any) -> None:
