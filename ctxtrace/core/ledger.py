@@ -573,13 +573,9 @@ class Ledger:
                 return
             if capture is not None:
                 unit.carry = capture(ctx)
-            try:
-                thread: ThreadState = ledger._tls.state
-            except AttributeError:
-                thread = ledger._thread()
+            thread = unit.thread = unit.slot.thread
             unit.dispatch = ctx
             unit.stats = stats
-            unit.thread = thread
             unit.pushed_ns = clock()
             next(stats.pushes)
             if app_stats is not None:
@@ -767,6 +763,12 @@ class Ledger:
             unit = unit_state()
             unit.parent = slot.unit
             unit.slot = slot
+            # The defaults read on every request, stored: CPython 3.11 reads an
+            # instance's own value in a few instructions, a class default through
+            # the type's lookup on every read.
+            unit.kind = "request"
+            unit.dispatch = unit.dispatch_app = unit.pending = None
+            unit.tracked = False
             slot.unit = unit
             return unit
 
@@ -774,7 +776,7 @@ class Ledger:
 
     def _own_slot(self) -> UnitSlot:
         """This thread's slot, in this Context (first unit here, or a Context copied in)."""
-        slot = UnitSlot(threading.get_ident())
+        slot = UnitSlot(threading.get_ident(), self._thread())
         self._slot.set(slot)
         return slot
 

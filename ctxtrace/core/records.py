@@ -11,7 +11,7 @@ import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, cast
 
 from ctxtrace._config import default_of
 from ctxtrace._events import ANOMALY_KINDS, ContextInfo, FlightRecord, Kind, Phase, Site, Unit
@@ -120,15 +120,18 @@ class UnitSlot:
     there gets a slot of its own thread's.
     """
 
-    __slots__ = ("ident", "unit")
+    __slots__ = ("ident", "thread", "unit")
 
-    def __init__(self, ident: int) -> None:
+    def __init__(self, ident: int, thread: ThreadState) -> None:
         self.ident = ident
         self.unit: UnitState | None = None
+        #: The thread's facts, for the units begun in this slot.
+        self.thread = thread
 
 
-#: The slot of a Context in which no unit began yet: its ``unit`` stays None.
-NO_SLOT: Final = UnitSlot(0)
+#: The slot of a Context in which no unit began yet: its ``unit`` stays None (so
+#: no unit ever reads its ``thread``).
+NO_SLOT: Final = UnitSlot(0, cast(ThreadState, None))
 
 
 class UnitState:
