@@ -503,6 +503,10 @@ CALLGRIND_CALLS: dict[str, tuple[int, int]] = {
 CALLGRIND_CONFIGS = ("bare", "ctxtrace")
 CALLGRIND_REQUEST_CONFIGS = ("spans_all", "otel")
 CALLGRIND_SMOKE_DIVISOR = 40
+#: Processes per cell, their median reported: a process's count moves by about 2,000
+#: instructions with where its heap and stack land (addresses feed hashes), so each
+#: replica gets an environment of a different size, which moves them.
+CALLGRIND_REPLICAS = 3
 #: What the smoke counts: one workload, so that its two valgrind processes start at once.
 CALLGRIND_SMOKE_WORKLOADS = ("wsgi_app",)
 #: Instructions per call before the hot-path work of issue 14 (commit 730b153, measured
@@ -528,38 +532,45 @@ def instructions(smoke: bool = False) -> dict[str, dict[str, float]]:
         return {}
     divisor = CALLGRIND_SMOKE_DIVISOR if smoke else 1
     names = CALLGRIND_SMOKE_WORKLOADS if smoke else tuple(CALLGRIND_CALLS)
+    replicas = 1 if smoke else CALLGRIND_REPLICAS
     cells = [(name, config) for name in names for config in CALLGRIND_CONFIGS]
     if not smoke:
         cells += [("request", c) for c in CALLGRIND_REQUEST_CONFIGS if available(c)]
-    per_call: dict[str, dict[str, float]] = {name: {} for name in names}
+    runs = [(name, config, replica) for name, config in cells for replica in range(replicas)]
+    counted: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for pair in (cells[i : i + 2] for i in range(0, len(cells), 2)):
-            runs = {}
-            for name, config in pair:
+        for pair in (runs[i : i + 2] for i in range(0, len(runs), 2)):
+            started = {}
+            for name, config, replica in pair:
                 short, long = (n // divisor for n in CALLGRIND_CALLS[name])
-                runs[(name, config)] = (short, long), subprocess.Popen(
+                out = f"{tmp}/{name}-{config}-{replica}.out"
+                started[(name, config, out)] = (short, long), subprocess.Popen(
                     [
                         valgrind, "--tool=callgrind", "--dump-before=getppid",
-                        "--separate-threads=yes",
-                        f"--callgrind-out-file={tmp}/{name}-{config}.out",
+                        "--separate-threads=yes", f"--callgrind-out-file={out}",
                         sys.executable, __file__, "--callgrind-worker", config,
                         f"{name}:{short}:{long}",
                     ],
-                    env=child_env(PYTHONHASHSEED="0"),
+                    env=child_env(PYTHONHASHSEED="0", OVERHEAD_PAD="x" * 64 * replica),
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 )
-            for (name, config), ((short, long), run) in runs.items():
+            for (name, config, out), ((short, long), run) in started.items():
                 _, stderr = run.communicate()
                 if run.returncode != 0:
                     raise RuntimeError(f"callgrind run of {config} failed:\n{stderr[-2000:]}")
                 # One dump per marker, numbered, of the main thread (file suffix -01);
                 # the last two are the short and the long run.
                 dumps = sorted(
-                    Path(tmp).glob(f"{name}-{config}.out.*-01"),
+                    Path(out).parent.glob(f"{Path(out).name}.*-01"),
                     key=lambda p: int(p.name.rsplit(".", 1)[1].split("-")[0]),
                 )[-2:]
                 totals = [_callgrind_total(p) for p in dumps]
-                per_call[name][config] = (totals[1] - totals[0]) / (long - short)
+                counted.setdefault((name, config), []).append(
+                    (totals[1] - totals[0]) / (long - short)
+                )
+    per_call: dict[str, dict[str, float]] = {name: {} for name in names}
+    for (name, config), values in counted.items():
+        per_call[name][config] = statistics.median(values)
     return per_call
 
 
@@ -613,10 +624,19 @@ HOT_PATH_NOTES = """
 - `Flask.__call__` begins the request's unit of work (so it encloses
   middleware); `Flask.wsgi_app` joins it, or begins one when it is called
   directly.
+- The running unit of work sits in its thread's slot: a ContextVar holds the
+  slot, set once per thread and Context, and a unit begins and ends by
+  assigning the slot's `unit` (a ContextVar set and reset per request cost
+  about 3,000 instructions). A Context copied into another thread still holds
+  the first thread's slot; the slot's thread ident tells, and a unit begun
+  there gets its own slot. The unit stores the defaults read on every request
+  (CPython 3.11 reads an instance's own value in a few instructions, a class
+  default through the type on every read).
 - What remains per request is mostly CPython's fixed cost per operation: the
-  wrapper frames, the unit of work (an object and a ContextVar set/reset), two
-  clock reads, the counters and the lifetime buffer: about 430 bytecodes of
-  ctxtrace next to about 3,200 of Flask's (counted with an opcode trace).
+  seven wrapper and ledger frames, the unit object, two clock reads, the
+  counters and the lifetime buffer: about 450 bytecodes of ctxtrace next to
+  about 3,200 of Flask's (counted with an opcode trace); about half of
+  ctxtrace's instructions are the interpreter running those bytecodes.
 - The building blocks, in instructions on CPython 3.11 (callgrind, 2026-11-25):
   a Python function call about 700; a ContextVar set about 1,400; a weak
   reference about 1,000; a monotonic clock read about 530; reading the caller's

@@ -37,7 +37,8 @@ def _generic(original: Shape) -> Shape:
 def signatures(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test with Flask's signatures, then with ``(self, *args, **kwargs)`` ones."""
     if request.param == "generic":
-        classes = [flask.ctx.AppContext, getattr(flask.ctx, "RequestContext", None)]
+        # ``vars``: the merged Flask keeps a deprecated alias that warns when read.
+        classes = [flask.ctx.AppContext, vars(flask.ctx).get("RequestContext")]
         for cls in (c for c in classes if c is not None):
             for name in ("push", "pop"):
                 monkeypatch.setattr(cls, name, _generic(vars(cls)[name]))
@@ -91,7 +92,8 @@ def test_a_wrong_pop_and_a_leak_are_found(recorder: Recorder, app: Flask) -> Non
     inner = app.app_context()
     outer.push()
     inner.push()
-    with pytest.raises(AssertionError):
+    # Flask <= 3.1 pops and then asserts; the merged Flask refuses with a RuntimeError.
+    with pytest.raises((AssertionError, RuntimeError)):
         outer.pop()
     leaker = threading.Thread(target=lambda: app.app_context().push(), name="leaker")
     leaker.start()

@@ -387,7 +387,13 @@ def _broken(monkeypatch: pytest.MonkeyPatch, name: str, replacement: Any) -> Ite
         # Mutation: a unit forgets to look for what earlier units left.
         ("check_stale", lambda self, unit: setattr(unit, "checked", True)),
         # Mutation: a request's own contexts are tracked like any push (its dispatch is lost).
-        ("tracks_dispatch", property(lambda self: True)),
+        # Only Flask <= 3.1 asks (for the app context it pushes for a request): on the
+        # merged Flask the mutant changes nothing, so it cannot be caught.
+        pytest.param(
+            "tracks_dispatch",
+            property(lambda self: True),
+            marks=pytest.mark.skipif(MERGED, reason="read only for Flask <= 3.1's app context"),
+        ),
     ],
     ids=[
         "wrong_pop_silenced", "unit_end_blind", "double_pop_blind", "stale_blind",
