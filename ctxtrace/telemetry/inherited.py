@@ -1,5 +1,8 @@
 """A forked child's inherited private provider, replaced once, by whoever needs it first.
 
+The same replacement serves a process whose name changed after its provider was
+built (``renew``): the provider's Resource names the worker.
+
 In a forked child the parent's private provider must give way to the child's own,
 but not inside ``os.fork()``: building one takes locks that only later fork hooks
 release (the SDK's resource detection takes concurrent.futures' lock). So the
@@ -52,3 +55,10 @@ class Inherited(Generic[T]):
                 self._build()
             except Exception as exc:
                 self._record(exc)
+
+    def renew(self, current: T) -> None:
+        """Outside a fork: retire ``current`` and build anew now (the worker it names
+        changed). Never raises, like ``replace``."""
+        with self._lock:
+            self.held = current
+        self.replace()

@@ -398,6 +398,15 @@ class MetricsEmitter:
         private = self.private
         if private is None:
             return
+        if private.endpoint is None and private.host_scrape is None:
+            # Pushed only (OTLP, console): the Resource it was built with names the
+            # worker, so a provider of the new name replaces it, the old one dropped
+            # unexported. Renames come as a process starts (gunicorn's master, as
+            # it loads its arbiter), and the new provider reads the same counts.
+            self._use(None)
+            self.private = None
+            self._inherited.renew(private)
+            return
         worker = self._host.worker
         if private.labelled is not None:
             private.labelled.worker = worker

@@ -225,6 +225,15 @@ class SpanEmitter:
             self.flush(timeout_s)
         self._tracer = self._provider = None
 
+    def renamed(self) -> None:
+        """The worker's name changed: a private provider's Resource names it, so one of
+        the new name replaces it (the old one exports what it holds as it goes)."""
+        private = self.private
+        if private is not None:
+            self._tracer = self._provider = None
+            self.private = None
+            self._inherited.renew(private)
+
     def after_fork(self) -> None:
         """A forked child: nothing of the parent's is followed; its own provider if private."""
         self._lock = threading.Lock()  # may have been held by another thread at fork

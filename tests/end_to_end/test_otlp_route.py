@@ -192,15 +192,16 @@ def test_each_worker_pushes_under_its_own_identity(gunicorn_run: Run) -> None:
             assert attributes(point.attributes).get("worker", worker) == worker, metric.name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the master's OTLP resource keeps the role it started with under ctxtrace run "
-    "(host:pid:process): renaming it to gunicorn-master changes the worker label on its "
-    "points (and its file_sd target) but not the Resource its providers were built with",
-)
 def test_the_master_pushes_under_the_worker_label_of_its_points(gunicorn_run: Run) -> None:
-    """The --preload master's resource names it as its points do: host:pid:gunicorn-master."""
+    """The --preload master's resource names it as its points do: host:pid:gunicorn-master,
+    and nothing went out under the name it started with (host:pid:process)."""
     master = gunicorn_run.master_id()
+    names = {
+        resource["service.instance.id"]
+        for resource, _, _ in gunicorn_run.points
+        if pid_of(resource["service.instance.id"]) == gunicorn_run.master
+    }
+    assert names == {master}
     labels = {
         attributes(point.attributes).get("worker")
         for resource, _, point in gunicorn_run.points
