@@ -111,6 +111,35 @@ class TestOtlp:
         assert anomalies[("double_pop", "app")] == 1
         assert sum(anomalies.values()) == 1
 
+    def test_a_renamed_process_exports_under_its_new_name(
+        self, receiver: Receiver, app: Flask, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A process whose role becomes known after start (gunicorn's master loading its
+        arbiter, a Celery worker): spans and points carry the new name, in the Resource as
+        in the worker label, and nothing goes out under the name it started with."""
+        _otlp_env(monkeypatch, receiver.url)
+        assert ctxtrace.instrument(log_rate_window="off")
+        agent = _agent.current()
+        assert agent is not None
+        first = agent.worker
+        agent.set_role("renamed-role")
+        assert agent.worker != first and agent.worker.endswith(":renamed-role")
+        _double_pop(app)
+        ctxtrace.uninstrument()
+
+        ((resource, span),) = receiver.spans()
+        assert attributes(resource.attributes)["service.instance.id"] == agent.worker
+        assert [e.name for e in span.events] == ["ctxtrace.double_pop"]
+        points = receiver.metric("ctxtrace.contexts")
+        assert points
+        assert {attributes(p.attributes)["worker"] for p in points} == {agent.worker}
+        names = {
+            attributes(rm.resource.attributes)["service.instance.id"]
+            for request in receiver.metrics
+            for rm in request.resource_metrics
+        }
+        assert names == {agent.worker}
+
     def test_failures_are_counted_never_raised(
         self, app: Flask, monkeypatch: pytest.MonkeyPatch,
         clean_otel_env: None, capsys: pytest.CaptureFixture[str],
