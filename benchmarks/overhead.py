@@ -637,6 +637,13 @@ HOT_PATH_NOTES = """
   counters and the lifetime buffer: about 450 bytecodes of ctxtrace next to
   about 3,200 of Flask's (counted with an opcode trace); about half of
   ctxtrace's instructions are the interpreter running those bytecodes.
+  Measured by cutting the path short (2026-12-03, three processes each): the
+  wrappers, the slot and the unit alone add about 14,000 instructions
+  (+4.4 %); the request's bookkeeping (its counts, lifetime, endpoint, flight
+  record and the stale check's test) the other 9,000. Python frames are not
+  the cost: inlining the three ledger calls into the wrappers saved nothing
+  measurable. Only less work per request can meet 5 %: one record per request
+  drained off the request path, the endpoint named when read, no in-flight set.
 - The building blocks, in instructions on CPython 3.11 (callgrind, 2026-11-25):
   a Python function call about 700; a ContextVar set about 1,400; a weak
   reference about 1,000; a monotonic clock read about 530; reading the caller's
