@@ -356,7 +356,10 @@ def load_worker(port: int, seconds: float, threads: int, limit: int) -> None:
     elapsed = time.perf_counter() - started
     done = sorted(x for per_thread in latencies for x in per_thread)
     p99 = done[min(len(done) - 1, int(len(done) * 0.99))] if done else float("nan")
-    print(json.dumps({"rps": len(done) / elapsed, "p99_ms": p99 * 1000, "errors": sum(errors)}))
+    print(json.dumps({
+        "rps": len(done) / elapsed, "p99_ms": p99 * 1000, "errors": sum(errors),
+        "requests": len(done),
+    }))
 
 
 # -- the parts, run from the parent ---------------------------------------------------
@@ -425,6 +428,8 @@ class ServerRun:
     config: str
     rps: tuple[float, ...]
     p99_ms: tuple[float, ...]
+    #: The workers' CPU time per request, in microseconds.
+    cpu_us: tuple[float, ...]
 
 
 def _free_port() -> int:
@@ -444,8 +449,32 @@ def _wait_for(port: int, timeout: float) -> None:
     raise RuntimeError(f"gunicorn did not listen on {port} within {timeout} s")
 
 
+def _children_cpu_s(parent: int) -> float:
+    """User plus system CPU seconds of ``parent``'s child processes so far (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                # The command name may hold spaces: the fields after it are split.
+                fields = stat.read().rpartition(b")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        # After the name: state, ppid (index 1), ..., utime (11), stime (12).
+        if int(fields[1]) == parent:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
 def server_round(config: str, seconds: float, threads: int) -> dict[str, float]:
-    """One gunicorn run: start 2 workers, warm up, load, stop."""
+    """One gunicorn run: start 2 workers, warm up, load, stop.
+
+    Beside requests per second (which the load client, on the same 2 cores, moves
+    by 10 % from run to run), the workers' own CPU time per request: what the
+    server spends on each request, whatever the client does meanwhile.
+    """
     port = _free_port()
     # This folder first, so gunicorn imports this module; the caller's path after it.
     path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
@@ -463,11 +492,15 @@ def server_round(config: str, seconds: float, threads: int) -> dict[str, float]:
         client = [sys.executable, __file__, "--load-worker", str(port)]
         # A short warm-up, then the measured run; both bounded in time and count.
         subprocess.run([*client, "0.5", str(threads), "100000"], check=True, capture_output=True)
+        cpu_before = _children_cpu_s(server.pid)
         out = subprocess.run(
             [*client, str(seconds), str(threads), "1000000"],
             check=True, capture_output=True, text=True,
         ).stdout
-        return dict(json.loads(out))
+        cpu = _children_cpu_s(server.pid) - cpu_before
+        result = dict(json.loads(out))
+        result["cpu_us"] = cpu * 1e6 / max(1, result["requests"])
+        return result
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -486,7 +519,12 @@ def server_runs(rounds: int, seconds: float, threads: int) -> list[ServerRun]:
         for config, runs in results.items():
             runs.append(server_round(config, seconds, threads))
     return [
-        ServerRun(c, tuple(r["rps"] for r in runs), tuple(r["p99_ms"] for r in runs))
+        ServerRun(
+            c,
+            tuple(r["rps"] for r in runs),
+            tuple(r["p99_ms"] for r in runs),
+            tuple(r["cpu_us"] for r in runs),
+        )
         for c, runs in results.items()
     ]
 
@@ -766,6 +804,10 @@ def budget_lines(
         row("gunicorn req/s, ctxtrace within 2 % of bare's median", "",
             f"{median:.0f} vs {bare_median:.0f} ({median / bare_median - 1:+.1%})",
             median >= 0.98 * bare_median)
+        bare_cpu = statistics.median(by_config["bare"].cpu_us)
+        cpu = statistics.median(by_config["ctxtrace"].cpu_us)
+        row("gunicorn workers' CPU per request, ctxtrace over bare (the steadier figure)", "",
+            f"{cpu:.0f} vs {bare_cpu:.0f} us ({cpu / bare_cpu - 1:+.1%})", True)
     growth = soak["peak_rss_after_warmup"] - soak["warmup_rss"]
     row(
         "memory and tracked contexts flat once the ledger cap is reached (soak.py's checks)", "",
@@ -792,14 +834,17 @@ def instruction_table(instr: dict[str, dict[str, float]]) -> list[str]:
 
 def server_table(runs: list[ServerRun]) -> list[str]:
     lines = [
-        "| configuration | req/s median | req/s min-max | p99 ms median | p99 ms min-max |",
-        "|---|---|---|---|---|",
+        "| configuration | req/s median | req/s min-max | p99 ms median | p99 ms min-max "
+        "| worker CPU us/request median | min-max |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         lines.append(
             f"| {run.config} | {statistics.median(run.rps):.0f} | {min(run.rps):.0f}-"
             f"{max(run.rps):.0f} | {statistics.median(run.p99_ms):.2f} | "
-            f"{min(run.p99_ms):.2f}-{max(run.p99_ms):.2f} |"
+            f"{min(run.p99_ms):.2f}-{max(run.p99_ms):.2f} | "
+            f"{statistics.median(run.cpu_us):.0f} | "
+            f"{min(run.cpu_us):.0f}-{max(run.cpu_us):.0f} |"
         )
     return lines
 

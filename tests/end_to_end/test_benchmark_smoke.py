@@ -57,3 +57,6 @@ def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
     for row in rows:
         assert row in text, row
     assert "| 0 | 0-0 |" not in text, "a gunicorn configuration served nothing"
+    # The workers' CPU per request is measured (a positive number of microseconds).
+    cpu_row = r"^\| gunicorn workers' CPU per request.*\| [1-9]\d* vs [1-9]\d* us"
+    assert re.search(cpu_row, text, re.M)
