@@ -471,9 +471,10 @@ def _children_cpu_s(parent: int) -> float:
 def server_round(config: str, seconds: float, threads: int) -> dict[str, float]:
     """One gunicorn run: start 2 workers, warm up, load, stop.
 
-    Beside requests per second (which the load client, on the same 2 cores, moves
-    by 10 % from run to run), the workers' own CPU time per request: what the
-    server spends on each request, whatever the client does meanwhile.
+    Beside requests per second, the workers' own CPU time per request (their
+    background threads included): what the server spends on each request. On a
+    2-core machine shared with the load client both move by about 10 % from run
+    to run, so neither resolves a 2 % difference; the instruction counts do.
     """
     port = _free_port()
     # This folder first, so gunicorn imports this module; the caller's path after it.
@@ -806,7 +807,7 @@ def budget_lines(
             median >= 0.98 * bare_median)
         bare_cpu = statistics.median(by_config["bare"].cpu_us)
         cpu = statistics.median(by_config["ctxtrace"].cpu_us)
-        row("gunicorn workers' CPU per request, ctxtrace over bare (the steadier figure)", "",
+        row("gunicorn workers' CPU per request, ctxtrace over bare (for comparison)", "",
             f"{cpu:.0f} vs {bare_cpu:.0f} us ({cpu / bare_cpu - 1:+.1%})", True)
     growth = soak["peak_rss_after_warmup"] - soak["warmup_rss"]
     row(
