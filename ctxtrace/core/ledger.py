@@ -573,7 +573,7 @@ class Ledger:
                 return
             if capture is not None:
                 unit.carry = capture(ctx)
-            thread = unit.thread = unit.slot.thread
+            thread = unit.slot.thread
             unit.dispatch = ctx
             unit.stats = stats
             unit.pushed_ns = clock()
@@ -686,7 +686,7 @@ class Ledger:
         capture = self._capture
         request = [
             self._dispatch_id(unit, REQUEST_SIDE), weakref.ref(unit.dispatch), unit.stats,
-            site, unit.thread, unit.pushed_ns, unit, detail.depth, 1, 0, None,
+            site, unit.slot.thread, unit.pushed_ns, unit, detail.depth, 1, 0, None,
             capture(unit.dispatch) if capture is not None else None,
         ]
         app: Entry | None = None
@@ -694,7 +694,7 @@ class Ledger:
         if is_context(implicit):
             app = [
                 self._dispatch_id(unit, APP_SIDE), weakref.ref(implicit), unit.app_stats,
-                site, unit.thread, unit.pushed_ns, unit, detail.app_depth, 1, 0, request,
+                site, unit.slot.thread, unit.pushed_ns, unit, detail.app_depth, 1, 0, request,
                 capture() if capture is not None else None,
             ]
         detail.entries = (request, app)
@@ -1029,7 +1029,7 @@ class Ledger:
         if not unit.dispatch_live():
             self._inflight.discard(unit)
             return
-        if not unit.thread.alive():
+        if not unit.slot.thread.alive():
             self._inflight.discard(unit)
             for entry in self._live_dispatch_entries(unit):
                 self._report_once("leaked", entry, None, reason="thread_end")
@@ -1328,7 +1328,7 @@ class Ledger:
         have given them records, whose pops are then recorded as they happen).
         """
         site = self._endpoint_site(unit.name)
-        thread_name = unit.thread.name
+        thread_name = unit.slot.thread.name
         sides = [(REQUEST_SIDE, unit.stats)]
         if unit.dispatch_app is not None:
             sides.insert(0, (APP_SIDE, unit.app_stats))

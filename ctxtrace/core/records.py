@@ -142,7 +142,7 @@ class UnitState:
     they are untracked: ``dispatch`` and ``dispatch_app`` (see the markers
     above; the hook layer sets DISPATCHING, the app context, and FINISHED when
     Flask pops the request context from the top), and, set when the request
-    context is pushed, their counters, the push time and the thread. Their
+    context is pushed, their counters and the push time (the thread is its slot's). Their
     depths, ids and full records wait in ``detail`` until something needs them.
     """
 
@@ -173,7 +173,6 @@ class UnitState:
     # Set when the request context is pushed (read only once ``dispatch`` is a context).
     stats: Stats
     app_stats: Stats
-    thread: ThreadState
     pushed_ns: int
 
     @property
