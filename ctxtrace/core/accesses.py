@@ -17,6 +17,7 @@ a summary once its window has passed (``summaries``, from the sweep) or at stop.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 from ctxtrace.core.counters import ExactCounts
@@ -39,7 +40,8 @@ class _Window(Generic[T]):
 
     def __init__(self, start_ns: int, carried: dict[Outcome, tuple[int, T]]) -> None:
         self.start_ns = start_ns
-        self.reported: set[Outcome] = set()
+        #: The outcomes this window reported, each with the counter of its repeats.
+        self.reported: dict[Outcome, itertools.count[int]] = {}
         #: outcome -> (accesses only counted since that outcome was last reported,
         #: the last of them); carried into the next window until reported or summed up.
         self.since = carried
@@ -83,12 +85,13 @@ class AccessWindow(Generic[T]):
         state = self._sites.get(key)
         if state is None:
             return 0
-        if repeat and outcome in state.reported:
-            self.repeats.add((key[0], key[3], outcome))
+        repeats = state.reported.get(outcome) if repeat else None
+        if repeats is not None:
+            next(repeats)
             counted = state.since.get(outcome)
             state.since[outcome] = (1 if counted is None else counted[0] + 1, access)
             return None
-        state.reported.add(outcome)
+        state.reported[outcome] = self.repeats.counter((key[0], key[3], outcome))
         counted = state.since.pop(outcome, None)
         return 0 if counted is None else counted[0]
 

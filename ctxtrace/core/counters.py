@@ -29,11 +29,17 @@ class ExactCounts:
         self._lock = threading.Lock()
 
     def add(self, key: tuple[str, ...]) -> None:
+        next(self._counts.get(key) or self.counter(key))
+
+    def counter(self, key: tuple[str, ...]) -> itertools.count[int]:
+        """The counter behind ``key``, for a caller that counts it often: ``next()`` adds one."""
         counter = self._counts.get(key)
         if counter is None:
             with self._lock:
                 counter = self._counts.setdefault(key, itertools.count())
-        next(counter)
+        return counter
 
     def items(self) -> list[tuple[tuple[str, ...], int]]:
-        return [(key, read_count(c)) for key, c in list(self._counts.items())]
+        """What was counted, by key (a key whose counter was taken but never advanced is not)."""
+        counted = [(key, read_count(c)) for key, c in list(self._counts.items())]
+        return [(key, n) for key, n in counted if n]

@@ -700,7 +700,7 @@ class Hooks:
             if getattr(lookup, "fallback", None) is not None:
                 # werkzeug answers this lookup itself (bool(current_app) is False).
                 return
-        _, site = sites.caller(above)
+        _, site = sites.caller(above, caller)
         if self.suppressed is not None and self.suppressed(site):
             return
         phase: Phase = "import" if sites.is_import_time(above) else "runtime"

@@ -136,6 +136,20 @@ def _event(
     )
 
 
+def _being_handled(exc: BaseException) -> bool:
+    """Whether ``exc`` is being handled on this thread (an ``except`` or ``finally``
+    block, or a context manager's exit, for it runs below us); a chain longer than
+    ``_MAX_CAUSES`` counts as yes."""
+    current = sys.exc_info()[1]
+    depth = 0
+    while current is not None:
+        if current is exc or depth == _MAX_CAUSES:
+            return True
+        current = current.__context__
+        depth += 1
+    return False
+
+
 def causes(exc: BaseException) -> list[BaseException]:
     """``exc`` and the errors it was raised from or while handling, at most ``_MAX_CAUSES``."""
     found: list[BaseException] = []
@@ -210,6 +224,8 @@ class Ledger:
         self._inflight: set[UnitState] = set()
         # Accesses made outside any unit of work, told at the next sweep (see ``access``).
         self._loose: deque[PendingAccess] = deque()
+        # Per thread, its newest access outside any unit (see ``access``).
+        self._held: dict[ThreadState, PendingAccess] = {}
         self._loose_lock = threading.Lock()
         self._stats: dict[tuple[str, str], Stats] = {}
         self._stats_lock = threading.Lock()
@@ -1063,6 +1079,7 @@ class Ledger:
         self._inflight.clear()
         # The parent tells its own accesses; a child would count them again.
         self._loose = deque()
+        self._held = {}
         self._accesses = AccessWindow(self.policy.access_window_s)
         self._loose_lock = threading.Lock()
         for var in self._stacks.values():
@@ -1091,11 +1108,15 @@ class Ledger:
         waits: it is told as ``escaped`` when ``escaped()`` hears of its error (or
         of one it caused) failing the unit, else as ``handled`` when the unit ends.
         Only the newest errors of a unit can still fail it: past ``MAX_PENDING``
-        the oldest is told as handled. An access outside any unit is told at the
-        next sweep.
+        the oldest is told as handled. An access outside any unit is told at its
+        thread's next one (unless its error is still being handled then), else
+        at the first sweep after ``LOOSE_GRACE_NS``.
         """
-        thread = self._thread()
-        unit = self.current_unit() or thread.unit
+        try:
+            thread: ThreadState = self._tls.state
+        except AttributeError:
+            thread = self._thread()
+        unit = self._slot.get().unit or thread.unit
         now = self._clock()
         # The site's file and line (strings hash once): the window's key, hashed in C.
         key: AccessKey = (proxy, site.file, site.line, phase) if site else (proxy, "", 0, phase)
@@ -1124,9 +1145,22 @@ class Ledger:
             repeat,
         )
         if unit is None or unit.finished:
-            self._loose.append(access)
-            if len(self._loose) > MAX_LOOSE:
-                self.settle_loose(None, keep=MAX_LOOSE)
+            # The thread's previous access outside a unit has met its fate by now,
+            # unless its error is still being handled: told at once, so that a hot
+            # loop holds one error (with its frames), not a queue of them.
+            held = self._held
+            previous = held.pop(thread, None)
+            if len(held) < MAX_LOOSE:
+                held[thread] = access
+            else:
+                self._wait_loose(access)
+            if previous is not None:
+                error = previous[P_ERROR]
+                if _being_handled(error):
+                    self._wait_loose(previous)
+                else:
+                    handled = sites.caught_by_application(error)
+                    self._tell(previous, "handled" if handled else "escaped")
             return
         pending = unit.pending
         if pending is None:
@@ -1134,6 +1168,12 @@ class Ledger:
         elif len(pending) >= MAX_PENDING:
             self._tell(pending.pop(0), "handled")
         pending.append(access)
+
+    def _wait_loose(self, access: PendingAccess) -> None:
+        """Queue an access outside any unit for the sweep; past ``MAX_LOOSE`` the oldest is told."""
+        self._loose.append(access)
+        if len(self._loose) > MAX_LOOSE:
+            self.settle_loose(None, keep=MAX_LOOSE)
 
     def escaped(self, exc: BaseException) -> None:
         """``exc`` is failing the running unit: the accesses whose errors led to it escaped."""
@@ -1172,6 +1212,8 @@ class Ledger:
         application frame caught it (``sites.caught_by_application``).
         """
         loose = self._loose
+        if not keep:
+            self._release_held(before_ns)
         told: list[tuple[PendingAccess, Outcome]] = []
         with self._loose_lock:
             while len(loose) > keep:
@@ -1183,6 +1225,22 @@ class Ledger:
                 told.append((access, "handled" if handled else "escaped"))
         for access, outcome in told:
             self._tell(access, outcome)
+
+    def _release_held(self, before_ns: int | None) -> None:
+        """Queue the accesses threads hold (see ``access``) made before ``before_ns``.
+
+        A thread swaps its held access without a lock, so what is taken here may be
+        one it held since: that one waits in the queue for its own turn.
+        """
+        held = self._held
+        for thread, access in list(held.items()):
+            if before_ns is not None and access[P_AT] > before_ns:
+                continue
+            taken = held.pop(thread, None)
+            if taken is access:
+                self._loose.appendleft(taken)
+            elif taken is not None:
+                self._loose.append(taken)
 
     def _tell(self, access: PendingAccess, outcome: Outcome) -> None:
         """Report an access whose outcome is known, or only count it (``core.accesses``)."""

@@ -130,10 +130,11 @@ def _user_site(frame: FrameType, known: _Known) -> tuple[int, Site]:
     return found
 
 
-def caller(depth: int) -> tuple[int, Site | None]:
+def caller(depth: int, frame: FrameType | None = None) -> tuple[int, Site | None]:
     """Classify the first interesting frame from ``depth`` up and return its site.
 
-    ``depth`` counts from this function's own frame (0), as ``sys._getframe`` does.
+    ``depth`` counts from this function's own frame (0), as ``sys._getframe`` does;
+    a caller that holds that frame already passes it as ``frame``.
 
     Returns ``(USER, site)`` for application code, ``(STREAM, None)`` when a
     streaming response is pushing, and ``(LIBRARY, None)`` when every frame is
@@ -143,7 +144,8 @@ def caller(depth: int) -> tuple[int, Site | None]:
     installed as a package), that nearest one is the site. The tuples are
     cached: the common case allocates nothing.
     """
-    frame: FrameType | None = sys._getframe(depth)
+    if frame is None:
+        frame = sys._getframe(depth)
     codes = _codes
     via: tuple[int, Site] | None = None
     while frame is not None:

@@ -3,7 +3,11 @@ escaped to its unit's boundary: a request's 500, a thread's end, a command's fai
 
 from __future__ import annotations
 
+import code
 import concurrent.futures
+import contextlib
+import io
+import sys
 import threading
 from collections.abc import Callable
 from string import Template
@@ -14,6 +18,8 @@ import flask
 import pytest
 from click.testing import CliRunner
 from flask import Flask, current_app, g, request
+
+from ctxtrace import _agent
 
 from .._support import Recorder, line_of
 
@@ -149,3 +155,47 @@ def test_copy_current_request_context_with_no_request_is_an_access(instrumented:
     assert access.proxy == "request_ctx"
     assert access.site is not None
     assert (access.site.file, access.site.line) == (HERE, line_of(HERE, "copier in the task"))
+
+
+def test_a_loop_outside_any_unit_is_told_as_it_goes(instrumented: Any) -> None:
+    """A caught access outside any unit is told at the thread's next one, not at the
+    sweep: a hot fallback loop holds one error and its frames, not a queue of them."""
+    recorder: Recorder = instrumented(log_rate_window=60)
+    agent = _agent.current()
+    assert agent is not None
+    for _ in range(3):
+        with contextlib.suppress(RuntimeError):
+            current_app.config  # noqa: B018 - the access is the point
+    # The first reported in full, the second only counted, the third still held.
+    assert [(e.outcome, e.unit) for e in recorder.events] == [("handled", None)]
+    assert agent.ledger.repeated_accesses() == [(("current_app", "runtime", "handled"), 1)]
+    agent.ledger.settle_loose()
+    assert agent.ledger.repeated_accesses() == [(("current_app", "runtime", "handled"), 2)]
+
+
+def test_an_access_while_the_last_error_is_handled_leaves_that_error_waiting(
+    instrumented: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Told at the next access, an error still being handled would be judged by where it
+    has got to so far: this one is re-raised from its handler and ends the program."""
+    recorder: Recorder = instrumented()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # the interpreter's traceback
+    source = Template(
+        "try:\n"
+        "    current_app.config  # $first\n"
+        "except RuntimeError:\n"
+        "    try:\n"
+        "        current_app.name\n"
+        "    except RuntimeError:\n"
+        "        pass\n"
+        "    raise\n"
+    ).substitute(first="re-raised")
+    namespace = {"current_app": current_app}
+    code.InteractiveInterpreter(namespace).runcode(compile(source, "<loop>", "exec"))
+    agent = _agent.current()
+    assert agent is not None
+    agent.ledger.settle_loose()
+    assert sorted((a.site.line if a.site else 0, a.outcome) for a in recorder.accesses()) == [
+        (2, "escaped"),
+        (5, "handled"),
+    ]
