@@ -67,6 +67,11 @@ _THIRD_PARTY_DIRS: Final = _third_party_dirs()
 # id(code) -> (code, class, {f_lasti: (USER, site)} for user code).
 _Known = tuple[CodeType, int, dict[int, tuple[int, Site]] | None]
 _codes: dict[int, _Known] = {}
+# Two indexes of ``_codes`` for the common walk (``caller``): the ids of library
+# code, and each user code's sites by instruction offset. Only codes ``_codes``
+# holds are in them, so their ids are not reused.
+_library: set[int] = set()
+_user_sites: dict[int, dict[int, tuple[int, Site]]] = {}
 _MAX_CACHED: Final = 4096
 _MAX_LINES: Final = 256
 _lock = threading.Lock()
@@ -82,7 +87,10 @@ _STREAM_RESULT: Final = (STREAM, None)
 
 def mark(code: CodeType, klass: int) -> None:
     """Pin the class of a code object (Flask's stream helper)."""
-    _codes[id(code)] = (code, klass, {} if klass == USER else None)
+    with _lock:
+        _codes[id(code)] = (code, klass, {} if klass == USER else None)
+        _library.discard(id(code))
+        _user_sites.pop(id(code), None)
 
 
 def _classify(code: CodeType) -> _Known:
@@ -103,7 +111,13 @@ def _classify(code: CodeType) -> _Known:
     known: _Known = (code, klass, {} if klass in (USER, THIRD_PARTY) else None)
     if len(_codes) < _MAX_CACHED:
         with _lock:
-            known = _codes.setdefault(id(code), known)
+            if id(code) not in _codes:
+                _codes[id(code)] = known
+                if klass == LIBRARY:
+                    _library.add(id(code))
+                elif klass == USER and known[2] is not None:
+                    _user_sites[id(code)] = known[2]
+            known = _codes[id(code)]
     return known
 
 
@@ -146,6 +160,19 @@ def caller(depth: int, frame: FrameType | None = None) -> tuple[int, Site | None
     """
     if frame is None:
         frame = sys._getframe(depth)
+    # The common case first: library frames (Flask's own ``__enter__``), then a
+    # line of user code seen before. Anything else takes the whole walk below.
+    library = _library
+    walked: FrameType | None = frame
+    while walked is not None and id(walked.f_code) in library:
+        walked = walked.f_back
+    if walked is None:
+        return _LIBRARY_RESULT
+    lines = _user_sites.get(id(walked.f_code))
+    if lines is not None:
+        found = lines.get(walked.f_lasti)
+        if found is not None:
+            return found
     codes = _codes
     via: tuple[int, Site] | None = None
     while frame is not None:
