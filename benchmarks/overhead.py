@@ -21,7 +21,9 @@ Four parts, each measured the way its noise allows:
   trivial request loop (through ``app(...)`` and ``app.wsgi_app(...)``), a
   push/pop pair, a proxy access and a repeated failed access, bare and with
   ctxtrace, and the request also with ``spans=all`` and with OpenTelemetry's
-  Flask instrumentation. One process per
+  Flask instrumentation; and a whole HTTP request in a gunicorn sync worker,
+  bare and with ctxtrace (``/mark`` requests call ``os.getsid``, the marker
+  there, as the worker calls ``getppid`` itself). One process per
   configuration runs each loop twice, a short and a long run, with
   ``os.getppid()`` between them as the marker callgrind dumps its counts at
   (``--dump-before=getppid``); the difference of the two runs divided by the
@@ -64,6 +66,8 @@ import argparse
 import concurrent.futures
 import datetime
 import gc
+import http.client
+import importlib.util
 import json
 import os
 import platform
@@ -241,6 +245,19 @@ def server_app() -> Any:
     return configured_app(os.environ["OVERHEAD_BENCH_CONFIG"])
 
 
+def marked_server_app() -> Any:
+    """``server_app`` with ``/mark``: its ``os.getsid`` call is where callgrind dumps its
+    counts (``--dump-before=getsid``) in a gunicorn worker, which calls ``getppid`` itself."""
+    app = server_app()
+    app.add_url_rule("/mark", "mark", _mark)
+    return app
+
+
+def _mark() -> str:
+    os.getsid(0)
+    return ""
+
+
 def workload(name: str, app: Any) -> Callable[[], object]:
     from flask import current_app
     from werkzeug.test import EnvironBuilder
@@ -321,7 +338,6 @@ def callgrind_worker(config: str, plan: str) -> None:
 
 def load_worker(port: int, seconds: float, threads: int, limit: int) -> None:
     """GET / as fast as ``threads`` threads can for ``seconds`` (at most ``limit`` in all)."""
-    import http.client
 
     latencies: list[list[float]] = [[] for _ in range(threads)]
     errors = [0] * threads
@@ -610,7 +626,82 @@ def instructions(smoke: bool = False) -> dict[str, dict[str, float]]:
     per_call: dict[str, dict[str, float]] = {name: {} for name in names}
     for (name, config), values in counted.items():
         per_call[name][config] = statistics.median(values)
+    if importlib.util.find_spec("gunicorn") is not None:
+        per_call["gunicorn"] = server_instructions(valgrind, smoke, replicas)
     return per_call
+
+
+#: Requests per callgrind run of a gunicorn worker, short and long.
+SERVER_CALLGRIND_CALLS = (100, 500)
+
+
+def server_instructions(valgrind: str, smoke: bool, replicas: int) -> dict[str, float]:
+    """Instructions per request in a gunicorn sync worker under callgrind, bare and ctxtrace.
+
+    The budget's server figure that noise cannot move: requests per second and the
+    workers' CPU time move by 10 % from run to run here. One worker, requests one
+    at a time from this process; ``/mark`` between a short and a long run makes
+    callgrind dump, and the difference of the two runs divided by the difference
+    of requests is one request (HTTP parsing and all). Replicas run two at a time.
+    """
+    divisor = CALLGRIND_SMOKE_DIVISOR // 4 if smoke else 1
+    short, long = (n // divisor for n in SERVER_CALLGRIND_CALLS)
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    runs = [(config, r) for r in range(replicas) for config in CALLGRIND_CONFIGS]
+    counted: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in (runs[i : i + 2] for i in range(0, len(runs), 2)):
+            with concurrent.futures.ThreadPoolExecutor(len(pair)) as pool:
+                futures = {
+                    config: pool.submit(
+                        _server_callgrind_run, valgrind, config, f"{tmp}/{config}-{r}", path,
+                        short, long,
+                    )
+                    for config, r in pair
+                }
+            for config, future in futures.items():
+                counted.setdefault(config, []).append(future.result())
+    return {config: statistics.median(values) for config, values in counted.items()}
+
+
+def _server_callgrind_run(
+    valgrind: str, config: str, out: str, path: str, short: int, long: int
+) -> float:
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            valgrind, "--tool=callgrind", "--dump-before=getsid", "--separate-threads=yes",
+            f"--callgrind-out-file={out}.%p", sys.executable, "-m", "gunicorn", "--workers",
+            "1", "--bind", f"127.0.0.1:{port}", "--no-control-socket", "--log-level",
+            "warning", "--timeout", "300", "overhead:marked_server_app()",
+        ],
+        env=child_env(OVERHEAD_BENCH_CONFIG=config, PYTHONPATH=path, PYTHONHASHSEED="0"),
+        cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(port, 300)
+        for count in (short // 2, 1, short, 1, long, 1):
+            path_ = "/mark" if count == 1 else "/"
+            for _ in range(count):
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                connection.request("GET", path_)
+                connection.getresponse().read()
+                connection.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    # The worker's main thread: dumps numbered 1 (after the warm-up), 2 (the short
+    # run) and 3 (the long run), then one at exit.
+    dumps = {
+        int(p.name.rsplit(".", 1)[1].split("-")[0]): p
+        for p in Path(out).parent.glob(f"{Path(out).name}.*.*-01")
+    }
+    if not {2, 3} <= dumps.keys():
+        raise RuntimeError(f"callgrind run of gunicorn ({config}) made no marked dumps")
+    return (_callgrind_total(dumps[3]) - _callgrind_total(dumps[2])) / (long - short)
 
 
 def _callgrind_total(dump: Path) -> int:
@@ -654,7 +745,13 @@ HOT_PATH_NOTES = """
 - A failed proxy lookup at a site reported in the current window (the log rate
   window) skips the flight record, the trace context, the event, the span and
   the line: it is counted, and its outcome (handled or escaped) judged from the
-  error's traceback when the error has been caught.
+  error's traceback when the error has been caught. Outside any unit of work
+  that is at the thread's next failed lookup, unless the error is still being
+  handled then (it then waits for the sweep): a hot fallback loop holds one
+  error and its frames. Before, such accesses waited in a queue of up to 1,024
+  for the sweep, and a hot loop settled the oldest inline on every access;
+  holding a thousand errors alone cost about 3,000 instructions per access in
+  garbage collection (measured with the queue cut to 16).
 - Proxies: a successful `current_app`/`g`/`request` lookup runs werkzeug's own
   code object; only the name `RuntimeError` in it is bound to a function that
   records the failure and builds the same error.
@@ -692,6 +789,16 @@ HOT_PATH_NOTES = """
   wrapper calls, the caller's line, two clock reads, a weak reference and the
   mirror's two ContextVar sets: about 10,000 instructions before any
   bookkeeping, close to the whole 1 us budget.
+- Where the pair's +27,000 go, measured by taking one piece out at a time
+  (2026-12-03, three processes each): the caller's line about 5,400 (the walk
+  materialises two frames: Flask's `__enter__` and the caller's); the mirror
+  stack's ContextVar gets and sets about 4,200; the weak reference about
+  1,900; the trace context captured for a late span about 1,100; the rest
+  (the two wrappers, the record, the registry insert and delete, two clock
+  reads, the counts, depth and flight record) about 14,400. The weak reference
+  is what finds a context leaked in a Context that was thrown away (reason
+  `collected`); the prototype behind the 16,000 budget had none, nor a mirror,
+  depth or push counts.
 """
 
 
@@ -798,6 +905,9 @@ def budget_lines(
         row("a repeated failed access at one site, <= 30,000 instructions added",
             f"{added(was['failed_access']):+,.0f}", f"{added(instr['failed_access']):+,.0f}",
             added(instr["failed_access"]) <= 30_000)
+    if "gunicorn" in instr:
+        row("gunicorn sync worker, instructions per request, ctxtrace within 2 % of bare", "",
+            f"{over(instr['gunicorn']):+.1%}", over(instr["gunicorn"]) <= 0.02)
     by_config = {r.config: r for r in runs}
     if "bare" in by_config and "ctxtrace" in by_config:
         bare_median = statistics.median(by_config["bare"].rps)
@@ -910,7 +1020,8 @@ def render(
         lines += [
             "Instructions per call, the difference of a short and a long run in one process;",
             "the push/pop pair, the proxy access and a repeated failed access alongside, and",
-            "the request also with spans=all and with OpenTelemetry's Flask instrumentation.",
+            "the request also with spans=all and with OpenTelemetry's Flask instrumentation;",
+            "`gunicorn`: one HTTP request served by a gunicorn sync worker (main thread).",
             "",
             *instruction_table(instr),
         ]

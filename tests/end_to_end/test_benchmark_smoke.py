@@ -54,6 +54,9 @@ def test_overhead_benchmark_smoke(tmp_path: Path) -> None:
         row = r"^\| wsgi_app \| ctxtrace \| [\d,]+ \| [+-][\d,]+ \|"
         assert re.search(row, text, re.M), "callgrind"
         rows += ["app.wsgi_app(...), ctxtrace <= 5 % over bare (instructions)"]
+        # A whole request in a gunicorn worker under callgrind, and its budget line.
+        assert re.search(r"^\| gunicorn \| ctxtrace \| [\d,]+ \| [+-][\d,]+ \|", text, re.M)
+        rows += ["gunicorn sync worker, instructions per request, ctxtrace within 2 % of bare"]
     for row in rows:
         assert row in text, row
     assert "| 0 | 0-0 |" not in text, "a gunicorn configuration served nothing"
