@@ -150,6 +150,9 @@ class TestWorker:
         """Pool processes end with os._exit: what waits in a buffer is flushed on the way out."""
         flushed = Path(str(worker.events_path) + ".flushed")
         assert event_file.read(str(flushed)) == []  # nothing flushed while it runs
+        # Every task has ended and told its events (the fixture's ready barrier
+        # included: alone on an xdist worker, this test would otherwise race it).
+        worker.settle()
         seen = len(worker.events())
         stop(worker.process, group=True)  # warm shutdown: the pool process exits too
         assert len(event_file.read(str(flushed))) == seen
