@@ -519,11 +519,16 @@ def server_round(config: str, seconds: float, threads: int) -> dict[str, float]:
         result["cpu_us"] = cpu * 1e6 / max(1, result["requests"])
         return result
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server, 10)
+
+
+def _stop(server: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM (gunicorn's graceful stop), then SIGKILL after ``grace`` seconds."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(grace)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def server_runs(rounds: int, seconds: float, threads: int) -> list[ServerRun]:
@@ -681,18 +686,14 @@ def _server_callgrind_run(
     try:
         _wait_for(port, 300)
         for count in (short // 2, 1, short, 1, long, 1):
-            path_ = "/mark" if count == 1 else "/"
+            target = "/mark" if count == 1 else "/"
             for _ in range(count):
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                connection.request("GET", path_)
+                connection.request("GET", target)
                 connection.getresponse().read()
                 connection.close()
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server, 60)
     # The worker's main thread: dumps numbered 1 (after the warm-up), 2 (the short
     # run) and 3 (the long run), then one at exit.
     dumps = {
