@@ -222,7 +222,9 @@ class Ledger:
         self.records: Mapping[int, Entry] = self._live
         # Request units whose own contexts are pushed and untracked (see the module doc).
         self._inflight: set[UnitState] = set()
-        # Accesses made outside any unit of work, told at the next sweep (see ``access``).
+        # Accesses made outside any unit of work that wait for the sweep: their error
+        # was still being handled at their thread's next access, or too many threads
+        # held one (see ``access``).
         self._loose: deque[PendingAccess] = deque()
         # Per thread, its newest access outside any unit (see ``access``).
         self._held: dict[ThreadState, PendingAccess] = {}
