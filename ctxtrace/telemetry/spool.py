@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Final
@@ -54,6 +55,12 @@ class Spool:
         self.name = spool_name(worker)
         self._lock_fd: int | None = None
         self._pid = os.getpid()
+        # A write (the metrics thread) and a rename or close (the process's own
+        # thread) take turns: a write in flight during a rename would bring the old
+        # file back without its lock, served as an ended process for the retention.
+        # Reentrant: a signal handler that stops the agent may interrupt a write of
+        # its own thread.
+        self._turn = threading.RLock()
 
     @property
     def path(self) -> Path:
@@ -63,9 +70,10 @@ class Spool:
         """Collect and replace the file (the lock is taken first, at the first write)."""
         if os.getpid() != self._pid:
             return
-        if self._lock_fd is None:
-            self._lock_fd = self._lock(self.folder / lock_name(self.name))
-        write_to_textfile(str(self.path), self._source)
+        with self._turn:
+            if self._lock_fd is None:
+                self._lock_fd = self._lock(self.folder / lock_name(self.name))
+            write_to_textfile(str(self.path), self._source)
 
     @staticmethod
     def _lock(path: Path) -> int:
@@ -90,8 +98,9 @@ class Spool:
         name = spool_name(worker)
         if name == self.name or os.getpid() != self._pid:
             return
-        self.close(remove=True)
-        self.name = name
+        with self._turn:
+            self._let_go(remove=True)
+            self.name = name
 
     def close(self, *, remove: bool = False) -> None:
         """Let go of the lock; with ``remove``, delete the file first (else it stays as the
@@ -101,8 +110,16 @@ class Spool:
         lock are the parent's (closing is not unlocking; an unlock here would drop
         the parent's lock too).
         """
+        if os.getpid() != self._pid:
+            # The lock may have been held by a thread that the fork left behind.
+            self._let_go(remove=False)
+            return
+        with self._turn:
+            self._let_go(remove=remove)
+
+    def _let_go(self, *, remove: bool) -> None:
         fd, self._lock_fd = self._lock_fd, None
-        if remove and os.getpid() == self._pid:
+        if remove:
             for name in (self.name, lock_name(self.name)):
                 with contextlib.suppress(OSError):
                     (self.folder / name).unlink()

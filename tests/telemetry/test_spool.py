@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Metric
 
 from ctxtrace.telemetry.prometheus import WorkerLabelled
 from ctxtrace.telemetry.spool import Spool, lock_name, spool_name
@@ -98,4 +100,43 @@ def test_a_lock_held_by_another_costs_the_write_not_the_thread(tmp_path: Path) -
         os.close(fd)
     spool.write()
     assert spool.path.exists() and _held(lock)
+    spool.close()
+
+
+class _SlowCollector:
+    """A collector that waits, mid-collection, until the test lets it go on."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.go_on = threading.Event()
+
+    def collect(self) -> Iterator[Metric]:
+        self.entered.set()
+        self.go_on.wait(10)
+        yield from _registry().collect()
+
+
+def test_a_rename_during_a_write_leaves_no_file_under_the_old_name(tmp_path: Path) -> None:
+    """The metrics thread writes while the main thread renames the process (gunicorn's
+    master under ``ctxtrace run``): the old name must not come back, lockless, to be
+    served as a second, ended process for the retention time."""
+    source = _SlowCollector()
+    spool = Spool(tmp_path, source, "h:3:process")
+    source.go_on.set()
+    spool.write()  # the first write takes the lock
+    source.go_on.clear()
+    source.entered.clear()
+    writer = threading.Thread(target=spool.write)
+    writer.start()
+    assert source.entered.wait(10)
+    renamer = threading.Thread(target=spool.rename, args=("h:3:gunicorn-master",))
+    renamer.start()
+    renamer.join(0.2)  # the rename waits for the write in flight (or, unfixed, is done)
+    source.go_on.set()
+    writer.join(10)
+    renamer.join(10)
+    spool.write()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        spool_name("h:3:gunicorn-master")
+    ]
     spool.close()
