@@ -282,6 +282,8 @@ class MetricsEmitter:
             )
             provider = self.private.provider if self.private is not None else None
         self._use(provider)
+        if self.private is not None:
+            self.private.announce(self._host.config)
 
     def _use(self, provider: Any) -> None:
         if self._binding is not None:

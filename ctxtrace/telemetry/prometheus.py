@@ -564,16 +564,21 @@ def reader(worker: str) -> tuple[WorkerLabelled, PrometheusMetricReader]:
 
 
 def serve(labelled: WorkerLabelled, config: Config) -> Endpoint:
-    """This worker's own endpoint, with its file_sd target file."""
-    endpoint = bind(registry_of(labelled), config.prometheus_host, config.prometheus_port)
-    if config.prometheus_targets_dir:
-        try:
-            endpoint.write_target_file(Path(config.prometheus_targets_dir), labelled.worker)
-        except OSError as exc:
-            # The endpoint serves on without its file: Prometheus can still be
-            # pointed at it, and the caller counts the failure.
-            endpoint.file_error = exc
-        except BaseException:
-            endpoint.close()
-            raise
-    return endpoint
+    """This worker's own endpoint, not announced yet (``announce``)."""
+    return bind(registry_of(labelled), config.prometheus_host, config.prometheus_port)
+
+
+def announce(endpoint: Endpoint, worker: str, config: Config) -> None:
+    """Write ``endpoint``'s file_sd target file, if a folder is configured.
+
+    Called once the instruments it serves exist: a scraper that found the file
+    before then would get the process metrics without a single ctxtrace series.
+    """
+    if not config.prometheus_targets_dir:
+        return
+    try:
+        endpoint.write_target_file(Path(config.prometheus_targets_dir), worker)
+    except OSError as exc:
+        # The endpoint serves on without its file: Prometheus can still be
+        # pointed at it, and the caller counts the failure.
+        endpoint.file_error = exc

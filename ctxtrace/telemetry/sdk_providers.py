@@ -411,6 +411,17 @@ class PrivateMetrics(_Owned):
         if self.host_scrape is not None:
             self.host_scrape.write()
 
+    def announce(self, config: Config) -> None:
+        """Tell Prometheus where the endpoint is: call once the instruments exist."""
+        from ctxtrace.telemetry import prometheus  # noqa: PLC0415 - loaded with the endpoint
+
+        endpoint, labelled = self.endpoint, self.labelled
+        if endpoint is None or labelled is None:
+            return
+        prometheus.announce(endpoint, labelled.worker, config)
+        if endpoint.file_error is not None:
+            self.record("exporter.metrics.prometheus", endpoint.file_error)
+
     def flush(self, timeout_s: float) -> None:
         """``push`` within ``timeout_s``, however long the exporters take."""
         self._within(timeout_s, lambda: self.push(timeout_s), closing=False)
@@ -524,8 +535,6 @@ def _prometheus(
             host_scrape = hostscrape.HostScrape(labelled, config, record)
         if config.prometheus_scrape in ("worker", "both"):
             endpoint = prometheus.serve(labelled, config)
-            if endpoint.file_error is not None:
-                record("exporter.metrics.prometheus", endpoint.file_error)
     except BaseException:
         if host_scrape is not None:
             host_scrape.close()

@@ -54,6 +54,15 @@ def _otlp_env(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "shop-api")
 
 
+def _scrape_names(port: int) -> Iterator[str]:
+    """The sample names ``127.0.0.1:port/metrics`` serves now."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            yield sample.name
+
+
 def _double_pop(app: Flask) -> None:
     ctx = app.app_context()
     ctx.push()
@@ -250,6 +259,34 @@ class TestPrometheusEndpoint:
         assert not target.exists()
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", endpoint.port), 1):
             pass
+
+    def test_the_target_file_appears_once_the_series_are_served(
+        self, instrumented: Any, tmp_path: Path, clean_otel_env: None,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Whoever finds the file finds ctxtrace's series: it is written after the instruments.
+
+        The spy scrapes the endpoint as the file is written, the first moment file_sd
+        could hand it to a scraper; written earlier, that scrape got only the process
+        metrics (seen from a fresh gunicorn worker under load).
+        """
+        served_at_announce: list[set[str]] = []
+        write = _prometheus.Endpoint.write_target_file
+
+        def scraped_then_written(endpoint: Any, folder: Path, worker: str) -> Path:
+            served_at_announce.append(set(_scrape_names(endpoint.port)))
+            return write(endpoint, folder, worker)
+
+        monkeypatch.setattr(_prometheus.Endpoint, "write_target_file", scraped_then_written)
+        instrumented(
+            metrics="prometheus", prometheus_port="0", prometheus_targets_dir=str(tmp_path)
+        )
+        (names,) = served_at_announce
+        for name in (
+            "ctxtrace_out_of_context_access_total", "ctxtrace_context_depth_max",
+            "ctxtrace_internal_errors_total", "ctxtrace_dropped_total",
+        ):
+            assert name in names, name
 
     def test_stale_target_files_are_removed(
         self, instrumented: Any, tmp_path: Path, clean_otel_env: None
