@@ -190,8 +190,6 @@ class Endpoint:
         self.address = address
         self.port = port
         self.target_file: Path | None = None
-        #: Why the target file could not be written, if it could not.
-        self.file_error: OSError | None = None
         self._lock_fd: int | None = None
         self._pid = os.getpid()
 
@@ -574,11 +572,5 @@ def announce(endpoint: Endpoint, worker: str, config: Config) -> None:
     Called once the instruments it serves exist: a scraper that found the file
     before then would get the process metrics without a single ctxtrace series.
     """
-    if not config.prometheus_targets_dir:
-        return
-    try:
+    if config.prometheus_targets_dir:
         endpoint.write_target_file(Path(config.prometheus_targets_dir), worker)
-    except OSError as exc:
-        # The endpoint serves on without its file: Prometheus can still be
-        # pointed at it, and the caller counts the failure.
-        endpoint.file_error = exc

@@ -418,9 +418,12 @@ class PrivateMetrics(_Owned):
         endpoint, labelled = self.endpoint, self.labelled
         if endpoint is None or labelled is None:
             return
-        prometheus.announce(endpoint, labelled.worker, config)
-        if endpoint.file_error is not None:
-            self.record("exporter.metrics.prometheus", endpoint.file_error)
+        try:
+            prometheus.announce(endpoint, labelled.worker, config)
+        except OSError as exc:
+            # The endpoint serves on without its file: Prometheus can still be
+            # pointed at it.
+            self.record("exporter.metrics.prometheus", exc)
 
     def flush(self, timeout_s: float) -> None:
         """``push`` within ``timeout_s``, however long the exporters take."""
