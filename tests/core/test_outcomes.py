@@ -3,6 +3,7 @@ escaped to its unit's boundary: a request's 500, a thread's end, a command's fai
 
 from __future__ import annotations
 
+import asyncio
 import code
 import concurrent.futures
 import contextlib
@@ -202,4 +203,31 @@ def test_an_access_while_the_last_error_is_handled_leaves_that_error_waiting(
     assert sorted((a.site.line if a.site else 0, a.outcome) for a in recorder.accesses()) == [
         (2, "escaped"),
         (5, "handled"),
+    ]
+
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known miss: the error's traceback starts at the coroutine's own frame (the C Task"
+    " steps it), as when the coroutine catches it, so it is judged handled",
+)
+def test_an_access_error_that_ends_an_asyncio_task_escapes(instrumented: Any) -> None:
+    """Outside any unit, an asyncio task that dies of its access: the error reached the
+    event loop, as a thread's does its bootstrap (which is told ``escaped``)."""
+    recorder: Recorder = instrumented()
+
+    async def dies() -> None:
+        current_app.config  # noqa: B018  # site: task dies
+
+    async def run() -> list[BaseException | None]:
+        return await asyncio.gather(dies(), return_exceptions=True)
+
+    (error,) = asyncio.run(run())
+    assert isinstance(error, RuntimeError)
+    agent = _agent.current()
+    assert agent is not None
+    agent.ledger.settle_loose()
+    assert [(a.site.line if a.site else 0, a.outcome) for a in recorder.accesses()] == [
+        (line_of(HERE, "task dies"), "escaped"),
     ]
