@@ -31,6 +31,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
+from types import ModuleType
 from typing import Final, Literal
 
 from ctxtrace._events import (
@@ -73,6 +74,7 @@ from ctxtrace.core.records import (
     P_ERROR,
     P_KEY,
     P_REPEAT,
+    P_TASK,
     PUSHED,
     REF,
     REPORTED,
@@ -95,6 +97,7 @@ from ctxtrace.core.records import (
     entry_info,
     is_context,
 )
+from ctxtrace.core.tasks import TaskEnds
 
 _Node = tuple["Entry", "_Node | None", int]
 _MAX_APPS: Final = 64
@@ -109,6 +112,8 @@ MAX_LOOSE: Final = 1024
 #: How long an access outside any unit waits before it is told: its error has
 #: been caught (or has ended its thread) by then.
 LOOSE_GRACE_NS: Final = 500_000_000
+#: ``sys.modules``: an access outside any unit asks it whether asyncio is loaded.
+_MODULES: Final = sys.modules
 #: How far ``causes`` follows an error's causes and contexts.
 _MAX_CAUSES: Final = 32
 
@@ -117,7 +122,7 @@ def _event(
     access: PendingAccess, outcome: Outcome, counted: int, summary: bool = False
 ) -> OutOfContextAccess:
     """The event of a pending access, now that its outcome is known."""
-    proxy, site, phase, thread_name, exc, unit, flight, at_ns, parent, carry, _, _ = access
+    proxy, site, phase, thread_name, exc, unit, flight, at_ns, parent, carry, _, _, _ = access
     return OutOfContextAccess(
         proxy=proxy,
         site=site,
@@ -148,6 +153,19 @@ def _being_handled(exc: BaseException) -> bool:
         current = current.__context__
         depth += 1
     return False
+
+
+def _loose_outcome(access: PendingAccess) -> Outcome:
+    """What became of an access outside any unit: by how its asyncio task ended, if it
+    was made in one that has, else by the frame that caught its error."""
+    error = access[P_ERROR]
+    end = access[P_TASK]
+    if end is not None and end.ended:
+        died_of = end.error
+        if died_of is not None and any(e is error for e in causes(died_of)):
+            return "escaped"
+        return "handled"
+    return "handled" if sites.caught_by_application(error) else "escaped"
 
 
 def causes(exc: BaseException) -> list[BaseException]:
@@ -228,6 +246,7 @@ class Ledger:
         self._loose: deque[PendingAccess] = deque()
         # Per thread, its newest access outside any unit (see ``access``).
         self._held: dict[ThreadState, PendingAccess] = {}
+        self._task_ends = TaskEnds()
         self._loose_lock = threading.Lock()
         self._stats: dict[tuple[str, str], Stats] = {}
         self._stats_lock = threading.Lock()
@@ -1082,6 +1101,7 @@ class Ledger:
         # The parent tells its own accesses; a child would count them again.
         self._loose = deque()
         self._held = {}
+        self._task_ends = TaskEnds()
         self._accesses = AccessWindow(self.policy.access_window_s)
         self._loose_lock = threading.Lock()
         for var in self._stacks.values():
@@ -1112,7 +1132,8 @@ class Ledger:
         Only the newest errors of a unit can still fail it: past ``MAX_PENDING``
         the oldest is told as handled. An access outside any unit is told at its
         thread's next one (unless its error is still being handled then), else
-        at the first sweep after ``LOOSE_GRACE_NS``.
+        at the first sweep after ``LOOSE_GRACE_NS``; one made in an asyncio task
+        waits for the sweep, where the task's end, if it has come, tells.
         """
         try:
             thread: ThreadState = self._tls.state
@@ -1145,8 +1166,14 @@ class Ledger:
             carry,
             key,
             repeat,
+            None,
         )
         if unit is None or unit.finished:
+            # In an asyncio task? Asked inline: every access outside a unit asks.
+            asyncio = _MODULES.get("asyncio")
+            if asyncio is not None and asyncio._get_running_loop() is not None:
+                self._wait_in_task(access, asyncio)
+                return
             # The thread's previous access outside a unit has met its fate by now,
             # unless its error is still being handled: told at once, so that a hot
             # loop holds one error (with its frames), not a queue of them.
@@ -1161,6 +1188,7 @@ class Ledger:
                 if _being_handled(error):
                     self._wait_loose(previous)
                 else:
+                    # Made outside any task (see above): its frames tell.
                     handled = sites.caught_by_application(error)
                     self._tell(previous, "handled" if handled else "escaped")
             return
@@ -1170,6 +1198,16 @@ class Ledger:
         elif len(pending) >= MAX_PENDING:
             self._tell(pending.pop(0), "handled")
         pending.append(access)
+
+    def _wait_in_task(self, access: PendingAccess, asyncio: ModuleType) -> None:
+        """Queue an access made outside any unit while an event loop runs on this thread.
+
+        Not held for the thread's next access: that may come from another task while
+        this one is suspended in its ``except`` block. If it was made in a task, the
+        task's end tells at the sweep (``_loose_outcome``).
+        """
+        end = self._task_ends.of_running_task(asyncio)
+        self._wait_loose(access if end is None else (*access[:P_TASK], end))
 
     def _wait_loose(self, access: PendingAccess) -> None:
         """Queue an access outside any unit for the sweep; past ``MAX_LOOSE`` the oldest is told."""
@@ -1210,8 +1248,9 @@ class Ledger:
         """Tell accesses made outside any unit, those before ``before_ns`` (all: None).
 
         With no unit there is no boundary to watch: the error escaped if it ended
-        the program, or was caught by a framework's frame; it was handled if an
-        application frame caught it (``sites.caught_by_application``).
+        the program, or was caught by a framework's frame, or ended the asyncio
+        task it was made in; it was handled if an application frame caught it
+        (``_loose_outcome``).
         """
         loose = self._loose
         if not keep:
@@ -1223,8 +1262,7 @@ class Ledger:
                 if before_ns is not None and access[P_AT] > before_ns:
                     break
                 loose.popleft()
-                handled = sites.caught_by_application(access[P_ERROR])
-                told.append((access, "handled" if handled else "escaped"))
+                told.append((access, _loose_outcome(access)))
         for access, outcome in told:
             self._tell(access, outcome)
 

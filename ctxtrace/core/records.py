@@ -17,6 +17,7 @@ from ctxtrace._config import default_of
 from ctxtrace._events import ANOMALY_KINDS, ContextInfo, FlightRecord, Kind, Phase, Site, Unit
 from ctxtrace.core.accesses import AccessKey
 from ctxtrace.core.names import safe_name
+from ctxtrace.core.tasks import TaskEnd
 
 
 class Marker:
@@ -76,6 +77,7 @@ class Stats:
 PendingAccess: TypeAlias = tuple[
     str, "Site | None", "Phase", str, BaseException, "Unit | None",
     "tuple[FlightRecord, ...]", int, "Unit | None", object, "AccessKey", bool,
+    TaskEnd | None,
 ]
 P_ERROR: Final = 4
 P_AT: Final = 7
@@ -83,6 +85,8 @@ P_AT: Final = 7
 #: (``core.accesses``).
 P_KEY: Final = 10
 P_REPEAT: Final = 11
+#: Outside any unit, in an asyncio task: how that task ended (``core.tasks``).
+P_TASK: Final = 12
 
 
 class ThreadState:

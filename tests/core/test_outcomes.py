@@ -7,6 +7,7 @@ import asyncio
 import code
 import concurrent.futures
 import contextlib
+import gc
 import io
 import sys
 import threading
@@ -207,14 +208,10 @@ def test_an_access_while_the_last_error_is_handled_leaves_that_error_waiting(
 
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known miss: the error's traceback starts at the coroutine's own frame (the C Task"
-    " steps it), as when the coroutine catches it, so it is judged handled",
-)
 def test_an_access_error_that_ends_an_asyncio_task_escapes(instrumented: Any) -> None:
     """Outside any unit, an asyncio task that dies of its access: the error reached the
-    event loop, as a thread's does its bootstrap (which is told ``escaped``)."""
+    event loop, as a thread's does its bootstrap. Its traceback alone cannot say so: its
+    outermost frame is the coroutine's own, as when the coroutine catches it."""
     recorder: Recorder = instrumented()
 
     async def dies() -> None:
@@ -231,3 +228,67 @@ def test_an_access_error_that_ends_an_asyncio_task_escapes(instrumented: Any) ->
     assert [(a.site.line if a.site else 0, a.outcome) for a in recorder.accesses()] == [
         (line_of(HERE, "task dies"), "escaped"),
     ]
+
+
+def test_an_asyncio_task_re_raising_after_an_await_escapes(instrumented: Any) -> None:
+    """Two tasks of one event loop, outside any unit: the second's access comes while the
+    first waits in its ``except`` block, where ``sys.exc_info`` on the loop's thread
+    cannot see it. Told at that next access, the first error would be judged handled;
+    it is re-raised into the loop after the await."""
+    recorder: Recorder = instrumented()
+
+    async def re_raises(turn: asyncio.Event, done: asyncio.Event) -> None:
+        try:
+            current_app.config  # noqa: B018  # site: task re-raises
+        except RuntimeError:
+            turn.set()
+            await done.wait()
+            raise
+
+    async def catches(turn: asyncio.Event, done: asyncio.Event) -> None:
+        await turn.wait()
+        with contextlib.suppress(RuntimeError):
+            current_app.name  # noqa: B018  # site: task catches
+        done.set()
+
+    async def both() -> list[BaseException | None]:
+        turn, done = asyncio.Event(), asyncio.Event()
+        tasks = re_raises(turn, done), catches(turn, done)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    first, second = asyncio.run(both())
+    assert isinstance(first, RuntimeError) and second is None
+    agent = _agent.current()
+    assert agent is not None
+    agent.ledger.settle_loose()
+    assert sorted((a.site.line if a.site else 0, a.outcome) for a in recorder.accesses()) == [
+        (line_of(HERE, "task re-raises"), "escaped"),
+        (line_of(HERE, "task catches"), "handled"),
+    ]
+
+
+def test_a_task_that_dies_of_an_access_is_still_reported_by_the_loop(instrumented: Any) -> None:
+    """Watching a task's end reads its error without retrieving it: the event loop still
+    reports an error that nobody retrieved, as it does without ctxtrace."""
+    recorder: Recorder = instrumented()
+    reported: list[str] = []
+
+    async def dies() -> None:
+        current_app.config  # noqa: B018 - the access is the point
+
+    async def fire_and_forget() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+        task = loop.create_task(dies())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert task.done()
+        del task
+        gc.collect()
+
+    asyncio.run(fire_and_forget())
+    assert reported == ["Task exception was never retrieved"]
+    agent = _agent.current()
+    assert agent is not None
+    agent.ledger.settle_loose()
+    assert [a.outcome for a in recorder.accesses()] == ["escaped"]
