@@ -33,6 +33,14 @@ def _told(recorder: Recorder) -> list[tuple[str, str | None]]:
     return [(a.outcome, a.unit.kind if a.unit else None) for a in recorder.accesses()]
 
 
+def _settled(recorder: Recorder) -> list[tuple[int, str]]:
+    """Tell every access made outside any unit now; what was told, as (line, outcome)."""
+    agent = _agent.current()
+    assert agent is not None
+    agent.ledger.settle_loose()
+    return sorted((a.site.line if a.site else 0, a.outcome) for a in recorder.accesses())
+
+
 class ConfigReader:
     """WSGI middleware that reads the app's config before Flask pushes a context (a
     classic fault): ``fallback`` catches the error, else it fails the request."""
@@ -198,14 +206,10 @@ def test_an_access_while_the_last_error_is_handled_leaves_that_error_waiting(
     ).substitute(first="re-raised")
     namespace = {"current_app": current_app}
     code.InteractiveInterpreter(namespace).runcode(compile(source, "<loop>", "exec"))
-    agent = _agent.current()
-    assert agent is not None
-    agent.ledger.settle_loose()
-    assert sorted((a.site.line if a.site else 0, a.outcome) for a in recorder.accesses()) == [
+    assert _settled(recorder) == [
         (2, "escaped"),
         (5, "handled"),
     ]
-
 
 
 def test_an_access_error_that_ends_an_asyncio_task_escapes(instrumented: Any) -> None:
@@ -222,10 +226,7 @@ def test_an_access_error_that_ends_an_asyncio_task_escapes(instrumented: Any) ->
 
     (error,) = asyncio.run(run())
     assert isinstance(error, RuntimeError)
-    agent = _agent.current()
-    assert agent is not None
-    agent.ledger.settle_loose()
-    assert [(a.site.line if a.site else 0, a.outcome) for a in recorder.accesses()] == [
+    assert _settled(recorder) == [
         (line_of(HERE, "task dies"), "escaped"),
     ]
 
@@ -258,10 +259,7 @@ def test_an_asyncio_task_re_raising_after_an_await_escapes(instrumented: Any) ->
 
     first, second = asyncio.run(both())
     assert isinstance(first, RuntimeError) and second is None
-    agent = _agent.current()
-    assert agent is not None
-    agent.ledger.settle_loose()
-    assert sorted((a.site.line if a.site else 0, a.outcome) for a in recorder.accesses()) == [
+    assert _settled(recorder) == [
         (line_of(HERE, "task re-raises"), "escaped"),
         (line_of(HERE, "task catches"), "handled"),
     ]
@@ -288,7 +286,4 @@ def test_a_task_that_dies_of_an_access_is_still_reported_by_the_loop(instrumente
 
     asyncio.run(fire_and_forget())
     assert reported == ["Task exception was never retrieved"]
-    agent = _agent.current()
-    assert agent is not None
-    agent.ledger.settle_loose()
-    assert [a.outcome for a in recorder.accesses()] == ["escaped"]
+    assert [outcome for _, outcome in _settled(recorder)] == ["escaped"]
