@@ -1188,7 +1188,8 @@ class Ledger:
                 if _being_handled(error):
                     self._wait_loose(previous)
                 else:
-                    # Made outside any task (see above): its frames tell.
+                    # Made outside any task (see above), so its frames tell: what
+                    # ``_loose_outcome`` does, inline on a hot loop's path.
                     handled = sites.caught_by_application(error)
                     self._tell(previous, "handled" if handled else "escaped")
             return
